@@ -1,0 +1,115 @@
+"""Pieces every estimator shares: building the evosax algorithm, pairing particles."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from evosax.algorithms import distribution_based_algorithms
+from evosax.core import fitness_shaping as shaping
+
+FITNESS_SHAPING: dict[str, Callable] = {
+    "centered_rank": shaping.centered_rank_fitness_shaping_fn,
+    "standardize": shaping.standardize_fitness_shaping_fn,
+    "normalize": shaping.normalize_fitness_shaping_fn,
+    "identity": shaping.identity_fitness_shaping_fn,
+}
+
+#: evosax algorithms whose population is mean +- the same perturbations (i, i + P/2)
+ANTITHETIC_ALGORITHMS = (
+    "Open_ES",
+    "PGPE",
+    "PersistentES",
+    "NoiseReuseES",
+    "ARS",
+    "ESMC",
+)
+
+
+def choose(name: str, options, what: str):
+    """`options[name]`, or a ValueError naming the valid choices."""
+    if name not in options:
+        raise ValueError(f"unknown {what} {name!r}; valid: {sorted(options)}")
+    return options[name]
+
+
+def make_algorithm(
+    name: str | type,
+    *,
+    population_size: int,
+    solution: Any,
+    std: float,
+    optimizer: optax.GradientTransformation,
+    fitness_shaping: str,
+    **kwargs,
+):
+    """Builds an evosax distribution-based algorithm and its params.
+
+    The meta-optimizer, the perturbation scale and the fitness shaping are passed to
+    whichever of them the algorithm takes (`std_schedule` or params' `std_init`).
+
+    Returns:
+        (algorithm, params)
+    """
+    cls = (
+        choose(name, distribution_based_algorithms, "evosax algorithm")
+        if isinstance(name, str)
+        else name
+    )
+    if population_size < 2:
+        raise ValueError(f"population_size must be >= 2, got {population_size}")
+    if std <= 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    accepted = inspect.signature(cls.__init__).parameters
+    extra = {
+        "fitness_shaping_fn": choose(
+            fitness_shaping, FITNESS_SHAPING, "fitness shaping"
+        )
+    }
+    if "optimizer" in accepted:
+        extra["optimizer"] = optimizer
+    if "std_schedule" in accepted:
+        extra["std_schedule"] = optax.constant_schedule(std)
+    algorithm = cls(
+        population_size=population_size, solution=solution, **extra, **kwargs
+    )
+    params = algorithm.default_params
+    if hasattr(params, "std_init"):
+        params = params.replace(std_init=std)
+    return algorithm, params
+
+
+def is_antithetic(algorithm) -> bool:
+    name = type(algorithm).__name__
+    return name in ANTITHETIC_ALGORITHMS and getattr(
+        algorithm, "use_antithetic_sampling", True
+    )
+
+
+def check_population(population_size: int, antithetic: bool) -> None:
+    if antithetic and population_size % 2:
+        raise ValueError(
+            f"population_size={population_size} is odd, but antithetic sampling pairs "
+            f"particles: use an even population such as {population_size + 1}"
+        )
+
+
+def particle_keys(key: jax.Array, population_size: int, antithetic: bool) -> jax.Array:
+    """One key per particle; antithetic partners i and i + P/2 share their key.
+
+    Sharing the key gives a pair the same task, initialisation and minibatches, so
+    their loss difference measures the perturbation alone (common random numbers).
+    """
+    if not antithetic:
+        return jax.random.split(key, population_size)
+    half = jax.random.split(key, population_size // 2)
+    return jnp.concatenate([half, half])
+
+
+def sanitize_fitness(fitness: jax.Array, penalty: float) -> jax.Array:
+    """Replaces NaN and inf fitness by `penalty` so that no NaN reaches the mean."""
+    return jnp.where(jnp.isfinite(fitness), fitness, penalty)

@@ -1,0 +1,172 @@
+"""OpenAI-ES over full unrolls (Salimans et al. 2017, arXiv 1703.03864).
+
+Every meta-iteration asks the evosax algorithm for a population of meta-parameters,
+trains one task per particle from scratch for the whole horizon (one `lax.scan`,
+vmapped over the population), scores each run by its meta-loss and tells the
+algorithm. Antithetic partners train the same task from the same initialisation on
+the same minibatches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from es_l2o.es import common
+from es_l2o.unroll import UnrolledSystem
+
+#: how a full unroll is scored
+META_LOSSES = ("auto", "train_mean", "train_final", "validation")
+
+
+@struct.dataclass
+class ESState:
+    """The evosax algorithm's state (mean theta, optimizer state, ...) and counters."""
+
+    es_state: Any
+    iteration: jax.Array
+
+
+class FullES:
+    """Full-unroll evolution strategies on any evosax distribution-based algorithm.
+
+    Args:
+        system: the unrolled system; its horizon is the unroll length.
+        population_size: particles per meta-iteration (even for antithetic algorithms).
+        std: perturbation scale of theta.
+        optimizer: the meta-optimizer (optax) applied to the ES gradient estimate.
+        num_steps: unroll length (default: the system's `max_horizon`).
+        algorithm: name of an evosax distribution-based algorithm ("Open_ES", "SNES",
+            "PGPE", ...) or its class.
+        meta_loss: "train_mean" (mean training loss over the unroll), "train_final"
+            (training loss of the final parameters), "validation" (validation loss of
+            the final parameters), or "auto": validation where the system has a
+            validation split, else train_mean.
+        fitness_shaping: "centered_rank", "standardize", "normalize" or "identity".
+        nonfinite_penalty: fitness given to a particle whose meta-loss is not finite.
+
+    Example:
+        >>> import jax, optax
+        >>> from es_l2o.lopt import MLPLOpt
+        >>> from es_l2o.unroll import LOptTraining
+        >>> from populations.quadratic import QuadraticFamily
+        >>> lopt = MLPLOpt(hidden_sizes=(8,))
+        >>> system = LOptTraining(QuadraticFamily(), lopt, horizon=10)
+        >>> es = FullES(system, population_size=8, std=0.01, optimizer=optax.adam(1e-2))
+        >>> state = es.init(jax.random.key(0), lopt.init(jax.random.key(1)))
+        >>> state, metrics = es.step(jax.random.key(2), state)
+        >>> sorted(metrics)[:2]
+        ['meta_loss', 'meta_loss_max']
+    """
+
+    def __init__(
+        self,
+        system: UnrolledSystem,
+        *,
+        population_size: int,
+        std: float = 0.01,
+        optimizer: optax.GradientTransformation | None = None,
+        num_steps: int | None = None,
+        algorithm: str | type = "Open_ES",
+        meta_loss: str = "auto",
+        fitness_shaping: str = "centered_rank",
+        nonfinite_penalty: float = 1e3,
+        algorithm_kwargs: dict | None = None,
+    ):
+        common.choose(meta_loss, dict.fromkeys(META_LOSSES), "meta_loss")
+        if meta_loss == "auto":
+            meta_loss = "validation" if system.has_validation else "train_mean"
+        if meta_loss == "validation" and not system.has_validation:
+            raise ValueError(
+                "meta_loss='validation' needs a population with a validation split; "
+                "use 'train_mean' or 'train_final' for this one"
+            )
+        num_steps = (
+            getattr(system, "max_horizon", None) if num_steps is None else num_steps
+        )
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self.system = system
+        self.population_size = int(population_size)
+        self.std = float(std)
+        self.optimizer = optax.adam(1e-2) if optimizer is None else optimizer
+        self.num_steps = num_steps
+        self.meta_loss = meta_loss
+        self.nonfinite_penalty = float(nonfinite_penalty)
+        self._algorithm_name = algorithm
+        self._fitness_shaping = fitness_shaping
+        self._algorithm_kwargs = dict(algorithm_kwargs or {})
+        self.algorithm = None
+        name = algorithm if isinstance(algorithm, str) else algorithm.__name__
+        common.check_population(
+            self.population_size, name in common.ANTITHETIC_ALGORITHMS
+        )
+        self.step = jax.jit(self._step)
+
+    def _build(self, theta):
+        if self.algorithm is None:
+            algorithm, params = common.make_algorithm(
+                self._algorithm_name,
+                population_size=self.population_size,
+                solution=theta,
+                std=self.std,
+                optimizer=self.optimizer,
+                fitness_shaping=self._fitness_shaping,
+                **self._algorithm_kwargs,
+            )
+            self.antithetic = common.is_antithetic(algorithm)
+            self.algorithm, self.params = algorithm, params
+
+    def init(self, key: jax.Array, theta) -> ESState:
+        """ES state centred on `theta`."""
+        self._build(theta)
+        es_state = self.algorithm.init(key, theta, self.params)
+        return ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
+
+    def theta(self, state: ESState):
+        """The current mean meta-parameters."""
+        return self.algorithm.get_mean(state.es_state)
+
+    def unroll(self, theta, key: jax.Array) -> jax.Array:
+        """Meta-loss of one full unroll of `theta` (one particle)."""
+        key_init, key_steps, key_eval = jax.random.split(key, 3)
+        state = self.system.init(key_init, theta)
+
+        def body(state, step_key):
+            state, out = self.system.step(step_key, theta, state)
+            return state, out
+
+        state, outs = jax.lax.scan(
+            body, state, jax.random.split(key_steps, self.num_steps)
+        )
+        if self.meta_loss == "train_mean":
+            value = jnp.mean(outs.loss)
+        else:
+            split = "validation" if self.meta_loss == "validation" else "train"
+            value = self.system.meta_loss(key_eval, theta, state, split)
+        failed = jnp.sum(~outs.finite)
+        return value, failed
+
+    def _step(self, key, state: ESState):
+        key_ask, key_unroll, key_tell = jax.random.split(key, 3)
+        population, es_state = self.algorithm.ask(key_ask, state.es_state, self.params)
+        keys = common.particle_keys(key_unroll, self.population_size, self.antithetic)
+        raw, failed = jax.vmap(self.unroll)(population, keys)
+        fitness = common.sanitize_fitness(raw, self.nonfinite_penalty)
+        es_state, _ = self.algorithm.tell(
+            key_tell, population, fitness, es_state, self.params
+        )
+        mean = es_state.mean
+        metrics = {
+            "meta_loss": jnp.mean(fitness),
+            "meta_loss_min": jnp.min(fitness),
+            "meta_loss_max": jnp.max(fitness),
+            "nonfinite_steps": jnp.sum(failed),
+            "theta_norm": jnp.linalg.norm(mean),
+            "theta_finite": jnp.all(jnp.isfinite(mean)),
+        }
+        return ESState(es_state=es_state, iteration=state.iteration + 1), metrics

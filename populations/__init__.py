@@ -1,0 +1,1 @@
+"""Optimizee task populations: task families that meta-training samples."""
