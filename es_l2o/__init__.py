@@ -1,3 +1,3 @@
-"""es_l2o: learned optimizers meta-trained with evolution strategies, exported to optax."""
+"""es_l2o: learned optimizers meta-trained with evolution strategies, for optax."""
 
 __version__ = "0.1.0"

@@ -48,7 +48,7 @@ class Task(abc.ABC):
         return self.loss(params, key)
 
     def metrics(self, params: Params, key: jax.Array) -> dict[str, jax.Array]:
-        """Full-split figures for reports, e.g. `train_loss`, `val_loss`, `val_accuracy`.
+        """Whole-split figures for reports: `train_loss`, `val_loss`, `val_accuracy`...
 
         The default measures the training loss on one minibatch; tasks with data
         splits override it with whole-split losses and accuracies.

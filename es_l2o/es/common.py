@@ -113,3 +113,10 @@ def particle_keys(key: jax.Array, population_size: int, antithetic: bool) -> jax
 def sanitize_fitness(fitness: jax.Array, penalty: float) -> jax.Array:
     """Replaces NaN and inf fitness by `penalty` so that no NaN reaches the mean."""
     return jnp.where(jnp.isfinite(fitness), fitness, penalty)
+
+
+def strong_types(tree):
+    """Drops weak types (Python-scalar defaults in evosax states), so that the state
+    that `init` returns and the one a jitted step returns share one signature and the
+    second step does not recompile."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)

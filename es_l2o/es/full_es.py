@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from evosax.algorithms import distribution_based_algorithms
 from flax import struct
 
 from es_l2o.es import common
@@ -29,6 +30,31 @@ class ESState:
 
     es_state: Any
     iteration: jax.Array
+
+
+def full_unroll(
+    system: UnrolledSystem, theta, key: jax.Array, num_steps: int, meta_loss: str
+) -> tuple[jax.Array, jax.Array]:
+    """Runs `system` from its initial state for `num_steps` steps under `theta`.
+
+    Returns:
+        (meta-loss, number of non-finite steps). The meta-loss is the mean training
+        loss ("train_mean"), or the final state's training or validation loss
+        ("train_final", "validation").
+    """
+    key_init, key_steps, key_eval = jax.random.split(key, 3)
+    state = system.init(key_init, theta)
+
+    def body(state, step_key):
+        return system.step(step_key, theta, state)
+
+    state, outs = jax.lax.scan(body, state, jax.random.split(key_steps, num_steps))
+    if meta_loss == "train_mean":
+        value = jnp.mean(outs.loss)
+    else:
+        split = "validation" if meta_loss == "validation" else "train"
+        value = system.meta_loss(key_eval, theta, state, split)
+    return value, jnp.sum(~outs.finite)
 
 
 class FullES:
@@ -101,6 +127,11 @@ class FullES:
         self._fitness_shaping = fitness_shaping
         self._algorithm_kwargs = dict(algorithm_kwargs or {})
         self.algorithm = None
+        if isinstance(algorithm, str):
+            common.choose(algorithm, distribution_based_algorithms, "evosax algorithm")
+        common.choose(fitness_shaping, common.FITNESS_SHAPING, "fitness shaping")
+        if std <= 0:
+            raise ValueError(f"std must be > 0, got {std}")
         name = algorithm if isinstance(algorithm, str) else algorithm.__name__
         common.check_population(
             self.population_size, name in common.ANTITHETIC_ALGORITHMS
@@ -125,31 +156,16 @@ class FullES:
         """ES state centred on `theta`."""
         self._build(theta)
         es_state = self.algorithm.init(key, theta, self.params)
-        return ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
+        state = ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
+        return common.strong_types(state)
 
     def theta(self, state: ESState):
         """The current mean meta-parameters."""
         return self.algorithm.get_mean(state.es_state)
 
-    def unroll(self, theta, key: jax.Array) -> jax.Array:
-        """Meta-loss of one full unroll of `theta` (one particle)."""
-        key_init, key_steps, key_eval = jax.random.split(key, 3)
-        state = self.system.init(key_init, theta)
-
-        def body(state, step_key):
-            state, out = self.system.step(step_key, theta, state)
-            return state, out
-
-        state, outs = jax.lax.scan(
-            body, state, jax.random.split(key_steps, self.num_steps)
-        )
-        if self.meta_loss == "train_mean":
-            value = jnp.mean(outs.loss)
-        else:
-            split = "validation" if self.meta_loss == "validation" else "train"
-            value = self.system.meta_loss(key_eval, theta, state, split)
-        failed = jnp.sum(~outs.finite)
-        return value, failed
+    def unroll(self, theta, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Meta-loss of one full unroll of `theta` and its count of failed steps."""
+        return full_unroll(self.system, theta, key, self.num_steps, self.meta_loss)
 
     def _step(self, key, state: ESState):
         key_ask, key_unroll, key_tell = jax.random.split(key, 3)
@@ -169,4 +185,5 @@ class FullES:
             "theta_norm": jnp.linalg.norm(mean),
             "theta_finite": jnp.all(jnp.isfinite(mean)),
         }
-        return ESState(es_state=es_state, iteration=state.iteration + 1), metrics
+        state = ESState(es_state=es_state, iteration=state.iteration + 1)
+        return common.strong_types(state), metrics

@@ -70,7 +70,8 @@ class MLPLOpt(LearnedOptimizer):
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(
-                f"hidden_sizes must be one or more positive integers, got {hidden_sizes!r}"
+                "hidden_sizes must be one or more positive integers, "
+                f"got {hidden_sizes!r}"
             )
         self.momentum_decays = tuple(float(b) for b in momentum_decays)
         if not all(0.0 <= b < 1.0 for b in self.momentum_decays):
@@ -121,7 +122,7 @@ class MLPLOpt(LearnedOptimizer):
         return theta
 
     def param_features(self, grad, param, stats: F.GradientStats, layout):
-        """Per-parameter inputs, shape (num_param_features, N), RMS-normalised per tensor."""
+        """Per-parameter inputs (num_param_features, N), RMS-normalised per tensor."""
         inv_rms = 1.0 / (jnp.sqrt(stats.second_moment) + 1e-8)
         rows = jnp.concatenate(
             [

@@ -1,0 +1,107 @@
+"""The command line: a tiny end-to-end run; one clear line (exit 2) per bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from es_l2o import export
+from es_l2o.cli import eval_main, train_main
+
+TINY = [
+    "num_iterations=2",
+    "system.horizon=4",
+    "es.population_size=4",
+    "lopt.hidden_sizes=[4]",
+    "evaluation.num_tasks=2",
+    "evaluation.learning_rates=[1e-3,1e-2]",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    assert train_main([*TINY, f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+def test_tiny_run_writes_the_run_directory(tiny_run, capsys):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "theta.eslo",
+        "optimizer.eslo",
+        "summary.json",
+    } <= names
+    lines = [
+        json.loads(x) for x in (tiny_run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [x["iteration"] for x in lines] == [0, 1]
+    assert all(x["wall_time_s"] > 0 and "meta_loss" in x for x in lines)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert set(summary["rows"]) == {"learned", "adam_lr_0.001", "adam_best"}
+    assert summary["best_lr"]["validation"] in (1e-3, 1e-2)
+    assert {"train_loss", "val_loss", "val_accuracy", "param_norm"} <= set(
+        summary["rows"]["learned"]
+    )
+    lopt, _, metadata = export.load_theta(tiny_run / "optimizer.eslo")
+    assert lopt.hidden_sizes == (4,) and metadata["horizon"] == 4
+    assert "population_size: 4" in (tiny_run / "config.yaml").read_text()
+
+
+def test_eval_reads_a_saved_optimizer(tiny_run, tmp_path):
+    code = eval_main(
+        [
+            str(tiny_run / "optimizer.eslo"),
+            "horizon=4",
+            "evaluation.num_tasks=2",
+            "evaluation.learning_rates=[1e-3]",
+            f"output_dir={tmp_path}",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_steps"] == 4 and summary["num_tasks"] == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["no_such_option=1"], "no_such_option"),
+        (["lopt=no_such_lopt"], "no_such_lopt"),
+        (["es.population_size=5"], "population_size=5 is odd"),
+        (["num_iterations=0"], "num_iterations must be a positive integer, got 0"),
+        (["system.horizon=-3"], "horizon must be a positive integer"),
+        (["es.algorithm=Nope"], "unknown evosax algorithm 'Nope'"),
+    ],
+)
+def test_train_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
+    assert train_main([*TINY, f"run_dir={tmp_path}", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("es-l2o-train: error:") and message in err
+    assert len(err.splitlines()) == 1
+
+
+def test_eval_bad_files_are_one_clear_line(tiny_run, tmp_path, capsys):
+    assert eval_main([str(tmp_path / "missing.eslo")]) == 2
+    assert "no optimizer file at" in capsys.readouterr().err
+    broken = tmp_path / "broken.eslo"
+    broken.write_bytes((tiny_run / "optimizer.eslo").read_bytes()[:-20])
+    assert eval_main([str(broken)]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert eval_main([str(tiny_run / "optimizer.eslo"), "horizon=0"]) == 2
+    assert "horizon must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "es_l2o.cli", "no_such_option=1", f"run_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "no_such_option" in proc.stderr

@@ -1,0 +1,118 @@
+"""Each shared feature on hand-computed inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from es_l2o.lopt import MLPLOpt
+from es_l2o.lopt import features as F
+
+TREE = {
+    "b": jnp.array([1.0, -2.0]),
+    "w": jnp.array([[3.0], [4.0], [0.0]]),
+    "s": jnp.array(5.0),
+}
+
+
+def test_layout_flattens_in_leaf_order_and_round_trips():
+    layout = F.TensorLayout.of(TREE)
+    flat = layout.flatten(TREE)
+    # leaves sorted by key: b, s, w
+    np.testing.assert_array_equal(flat, [1.0, -2.0, 5.0, 3.0, 4.0, 0.0])
+    assert layout.sizes == (2, 1, 3)
+    assert layout.ranks.tolist() == [1, 0, 2]
+    assert layout.segment_ids.tolist() == [0, 0, 1, 2, 2, 2]
+    back = layout.unflatten(flat)
+    for key in TREE:
+        np.testing.assert_array_equal(back[key], TREE[key])
+        assert back[key].shape == TREE[key].shape
+
+
+def test_layout_works_on_abstract_shapes_and_empty_trees():
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), TREE)
+    layout = F.TensorLayout.of(abstract)
+    assert layout.total_size == 6 and layout.dtypes[0] == jnp.bfloat16
+    empty = F.TensorLayout.of({})
+    assert empty.total_size == 0 and empty.flatten({}).shape == (0,)
+
+
+def test_tensor_mean_and_broadcast():
+    layout = F.TensorLayout.of(TREE)
+    x = layout.flatten(TREE)
+    means = layout.tensor_mean(jnp.stack([x, 2 * x]))
+    np.testing.assert_allclose(
+        means, [[-0.5, 5.0, 7 / 3], [-1.0, 10.0, 14 / 3]], rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        layout.broadcast(jnp.array([10.0, 20.0, 30.0])), [10, 10, 20, 30, 30, 30]
+    )
+
+
+def test_normalize_per_tensor_divides_by_tensor_rms():
+    layout = F.TensorLayout.of(TREE)
+    x = layout.flatten(TREE)
+    out = F.normalize_per_tensor(x, layout, eps=0.0)
+    rms_b, rms_w = np.sqrt(5 / 2), np.sqrt(25 / 3)  # the scalar 5.0 has rms 5
+    expected = [1 / rms_b, -2 / rms_b, 1.0, 3 / rms_w, 4 / rms_w, 0.0]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_gradient_stats_follow_the_ema_formulas():
+    stats = F.init_gradient_stats(2, 2)
+    g1, g2 = jnp.array([1.0, -2.0]), jnp.array([3.0, 0.0])
+    for g in (g1, g2):
+        stats = F.update_gradient_stats(
+            stats, g, momentum_decays=(0.5, 0.9), second_moment_decay=0.99
+        )
+    m_half = 0.5 * (0.5 * g1) + 0.5 * g2
+    m_nine = 0.9 * (0.1 * g1) + 0.1 * g2
+    v = 0.99 * (0.01 * g1**2) + 0.01 * g2**2
+    np.testing.assert_allclose(stats.momenta, np.stack([m_half, m_nine]), rtol=1e-6)
+    np.testing.assert_allclose(stats.second_moment, v, rtol=1e-6)
+
+
+def test_progress_and_timescale_features():
+    out = F.progress_features(25, 100, centers=(0.0, 0.25, 1.0))
+    np.testing.assert_allclose(out, np.tanh(10 * (0.25 - np.array([0.0, 0.25, 1.0]))))
+    out = F.timescale_features(10, timescales=(1.0, 10.0, 100.0))
+    np.testing.assert_allclose(
+        out, np.tanh(np.array([10.0, 1.0, 0.1]) - 1.0), rtol=1e-6
+    )
+
+
+def test_clip_gradient_bounds_and_zeroes_nan():
+    out = F.clip_gradient(jnp.array([5e3, -5e3, jnp.nan, 0.5]), bound=1000.0)
+    np.testing.assert_array_equal(out, [1000.0, -1000.0, 0.0, 0.5])
+
+
+def test_mlp_param_features_match_hand_computation():
+    lopt = MLPLOpt(momentum_decays=(0.5,))
+    layout = F.TensorLayout.of({"w": jnp.zeros(2)})
+    grad, param = jnp.array([1.0, -3.0]), jnp.array([2.0, 2.0])
+    stats = F.GradientStats(
+        momenta=jnp.array([[0.5, -1.5]]), second_moment=jnp.array([4.0, 9.0])
+    )
+    out = lopt.param_features(grad, param, stats, layout)
+    assert out.shape == (lopt.num_param_features, 2)
+
+    def unit_rms(v):
+        v = np.asarray(v, np.float64)
+        return v / np.sqrt(np.mean(v**2) + 1e-8)
+
+    root_v = np.array([2.0, 3.0])
+    rows = [
+        grad,
+        param,
+        [0.5, -1.5],
+        root_v,
+        grad / root_v,
+        np.array([0.5, -1.5]) / root_v,
+    ]
+    np.testing.assert_allclose(out, np.stack([unit_rms(r) for r in rows]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [(0,), (4, -1), ()])
+def test_mlp_rejects_bad_hidden_sizes(bad):
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        MLPLOpt(hidden_sizes=bad)
