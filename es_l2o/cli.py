@@ -130,16 +130,172 @@ def _meta_validation(system, estimator, settings):
     return validate
 
 
+#: config keys a resumed run may change; everything else must match its config.yaml
+RESUME_MAY_CHANGE = (
+    "num_iterations",
+    "progress",
+    "checkpoint_every",
+    "checkpoint_keep",
+    "tensorboard",
+    "sharding",
+)
+#: exit status of a run stopped by a signal after writing its checkpoint: 128 + signum
+SIGNAL_EXIT_BASE = 128
+
+
+class _Stopped(Exception):
+    """Meta-training ended early: a message for stderr and the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _count(cfg, key: str, low: int) -> int:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _flag(cfg, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        raise UsageError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _plain(value):
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(value, Container):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def train_config(argv: list[str]):
+    """The config of `es-l2o-train argv`; with `resume=RUN_DIR`, the run's own
+    config.yaml with only the keys of `RESUME_MAY_CHANGE` taken from `argv`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import DictConfig, OmegaConf
+
+    cfg = compose("config", argv)
+    if cfg.get("resume") in (None, ""):
+        return cfg
+    run_dir = Path(str(cfg.resume)).expanduser().resolve()
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise UsageError(
+            f"resume={cfg.resume}: no config.yaml there; give the run directory "
+            "that es-l2o-train printed when it started"
+        )
+    try:
+        saved = OmegaConf.load(saved_path)  # YAML data only: no code runs
+        overrides = OverridesParser.create().parse_overrides(argv)
+    except HydraException as err:
+        raise UsageError(f"resume={cfg.resume}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any YAML or file error
+        raise UsageError(f"resume: cannot read {saved_path}: {err}") from None
+    if not isinstance(saved, DictConfig):
+        raise UsageError(f"resume: {saved_path} is not a mapping of settings")
+    given = {o.key_or_group for o in overrides} - {"resume"}
+    allowed = {k for k in given if k.split(".")[0] in RESUME_MAY_CHANGE}
+    changed = []
+    for key in sorted(given - allowed):
+        new, old = (
+            _plain(OmegaConf.select(cfg, key)),
+            _plain(OmegaConf.select(saved, key)),
+        )
+        if key == "run_dir" and Path(str(new)).expanduser().resolve() == run_dir:
+            continue
+        if new != old:
+            changed.append(f"{key} (the run has {old!r}, given {new!r})")
+    if changed:
+        raise UsageError(
+            f"resume={run_dir} cannot change {'; '.join(changed)}: a resumed run "
+            f"keeps its config.yaml; only {', '.join(RESUME_MAY_CHANGE)} may be given"
+        )
+    for key in sorted(allowed) + [k for k in RESUME_MAY_CHANGE if k not in saved]:
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    saved.run_dir = str(run_dir)
+    saved.resume = str(run_dir)
+    return saved
+
+
+def _mesh_kwargs(cfg, make_estimator) -> dict:
+    """`mesh=` over the configured devices, for estimators that take one."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from es_l2o import sharding
+
+    target = getattr(make_estimator, "func", make_estimator)
+    if "mesh" not in inspect.signature(target).parameters:
+        return {}
+    settings = OmegaConf.select(cfg, "sharding") or {}
+    sharding.initialize_distributed(bool(settings.get("distributed", False)))
+    try:
+        return {"mesh": sharding.population_mesh(settings.get("num_devices"))}
+    except ValueError as err:
+        raise UsageError(f"sharding.num_devices: {err}") from None
+
+
 def run_train(cfg) -> Path:
-    """Meta-trains, exports and evaluates as `cfg` says; returns the run directory."""
+    """Meta-trains, exports and evaluates as `cfg` says; returns the run directory.
+
+    With `cfg.resume` set (see `train_config`) the run continues from the newest
+    checkpoint in its `checkpoints/` folder, appending to its metrics.jsonl.
+    """
+    import signal
+
     import jax
     from omegaconf import OmegaConf
 
+    from es_l2o import checkpoint as ckpt
     from es_l2o import export
-    from es_l2o.meta import meta_train
+    from es_l2o.meta import Interrupted, NonFiniteThetaError, ResumeError, meta_train
     from es_l2o.unroll import LOptTraining
 
+    resuming = cfg.get("resume") not in (None, "")
     num_iterations = _positive_int(cfg, "num_iterations")
+    checkpoint_every = _count(cfg, "checkpoint_every", 0)
+    checkpoint_keep = _count(cfg, "checkpoint_keep", 1)
+    tensorboard = _flag(cfg, "tensorboard")
+    progress = _flag(cfg, "progress")
+    run_dir = Path(cfg.run_dir).resolve()
+    checkpoint_dir = run_dir / "checkpoints"
+    newest = ckpt.latest(checkpoint_dir)
+    if resuming and newest is None:
+        raise UsageError(
+            f"resume={run_dir}: no checkpoint in {checkpoint_dir} (the run stopped "
+            "before its first one); start it again"
+        )
+    if resuming and ckpt.iteration_of(newest) > num_iterations:
+        raise UsageError(
+            f"resume={run_dir}: its checkpoint is at iteration "
+            f"{ckpt.iteration_of(newest)}, beyond num_iterations={num_iterations}; "
+            f"give num_iterations >= {ckpt.iteration_of(newest)}"
+        )
+    if not resuming and newest is not None:
+        raise UsageError(
+            f"run_dir={run_dir} already holds the checkpoints of a run: continue it "
+            f"with resume={run_dir}, or choose another run_dir"
+        )
     family = instantiate(cfg.population)
     lopt = instantiate(cfg.lopt)
     system_kwargs = OmegaConf.to_container(cfg.system, resolve=True)
@@ -150,16 +306,19 @@ def run_train(cfg) -> Path:
         raise UsageError(f"bad system settings {system_kwargs}: {err}") from None
     make_estimator = instantiate(cfg.es)
     try:
-        estimator = make_estimator(system=system)
+        estimator = make_estimator(system=system, **_mesh_kwargs(cfg, make_estimator))
     except (TypeError, ValueError) as err:
         raise UsageError(
             f"cannot build the estimator {cfg.es._target_}: {err}"
         ) from None
 
-    run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["resume"] = None
+    _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
     print(f"run directory: {run_dir}", flush=True)
+    if resuming:
+        print(f"resuming from {newest}", flush=True)
 
     key = jax.random.key(int(cfg.seed))
     key_theta, key_meta = jax.random.split(key)
@@ -174,18 +333,51 @@ def run_train(cfg) -> Path:
     if every > 0:
         validate = _meta_validation(system, estimator, cfg.meta_validation)
     start = time.perf_counter()
-    result = meta_train(
-        estimator,
-        theta0,
-        key=key_meta,
-        num_iterations=num_iterations,
-        metrics_path=run_dir / "metrics.jsonl",
-        progress=bool(cfg.progress),
-        on_checkpoint=on_checkpoint,
-        checkpoint_every=int(cfg.checkpoint_every),
-        validate=validate,
-        validate_every=every,
-    )
+    try:
+        result = meta_train(
+            estimator,
+            theta0,
+            key=key_meta,
+            num_iterations=num_iterations,
+            metrics_path=run_dir / "metrics.jsonl",
+            progress=progress,
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=checkpoint_every,
+            validate=validate,
+            validate_every=every,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_keep=checkpoint_keep,
+            checkpoint_metadata={"seed": int(cfg.seed)},
+            resume=checkpoint_dir if resuming else None,
+            tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
+        )
+    except ckpt.CheckpointError as err:
+        older = ckpt.checkpoints(checkpoint_dir)[:-1]
+        hint = (
+            f"; to resume from the previous checkpoint {older[-1].name}, delete "
+            f"{newest}"
+            if older
+            else ""
+        )
+        raise UsageError(f"resume={run_dir}: {err}{hint}") from None
+    except ResumeError as err:
+        raise UsageError(f"resume={run_dir}: {err}") from None
+    except Interrupted as err:
+        name = signal.Signals(err.signum).name
+        raise _Stopped(
+            f"stopped by {name} after iteration {err.iteration} of {num_iterations}; "
+            f"checkpoint: {err.checkpoint or ckpt.latest(checkpoint_dir)}. Resume "
+            f"with: es-l2o-train resume={run_dir}",
+            SIGNAL_EXIT_BASE + err.signum,
+        ) from None
+    except KeyboardInterrupt:
+        raise _Stopped(
+            "stopped at once by a second Ctrl-C, without a checkpoint; resume from "
+            f"the last one with: es-l2o-train resume={run_dir}",
+            SIGNAL_EXIT_BASE + 2,
+        ) from None
+    except NonFiniteThetaError as err:
+        raise _Stopped(str(err), 1) from None
     train_seconds = time.perf_counter() - start
     horizon = system.max_horizon
     optimizer_path = run_dir / "optimizer.eslo"
@@ -201,8 +393,9 @@ def run_train(cfg) -> Path:
         seed=int(cfg.seed),
     )
     print(
-        f"meta-trained {num_iterations} iterations in {train_seconds:.1f} s; exported "
-        f"the theta of iteration {result.best_iteration} (meta-validation loss "
+        f"meta-trained {len(result.history)} iterations ({num_iterations} in all) in "
+        f"{train_seconds:.1f} s; exported the theta of iteration "
+        f"{result.best_iteration} (meta-validation loss "
         f"{result.best_validation_loss:.4g}) to {optimizer_path}",
         flush=True,
     )
@@ -232,7 +425,7 @@ def run_eval(path: str, cfg) -> dict:
 def _main(program: str, body) -> int:
     try:
         body()
-    except UsageError as err:
+    except (UsageError, MemoryError) as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     return 0
@@ -244,7 +437,19 @@ def train_main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    return _main("es-l2o-train", lambda: run_train(compose("config", argv)))
+    try:
+        return _main("es-l2o-train", lambda: run_train(train_config(argv)))
+    except _Stopped as stopped:
+        print(f"es-l2o-train: {stopped}", file=sys.stderr, flush=True)
+        return stopped.code
+    except KeyboardInterrupt:
+        print(
+            "es-l2o-train: interrupted; a run that wrote a checkpoint continues with "
+            "es-l2o-train resume=RUN_DIR",
+            file=sys.stderr,
+            flush=True,
+        )
+        return SIGNAL_EXIT_BASE + 2
 
 
 def eval_main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,48 @@ def evaluate_adam_sweep(
     return jax.tree.map(np.asarray, run(jnp.asarray(learning_rates, jnp.float32), keys))
 
 
+def smooth(curve: np.ndarray, window: int) -> np.ndarray:
+    """Trailing running mean over `window` steps (shorter at the start)."""
+    curve = np.asarray(curve, np.float64)
+    if window <= 1 or curve.size == 0:
+        return curve
+    sums = np.cumsum(np.insert(curve, 0, 0.0))
+    counts = np.minimum(np.arange(1, curve.size + 1), window)
+    return (
+        sums[1:] - sums[np.maximum(np.arange(1, curve.size + 1) - window, 0)]
+    ) / counts
+
+
+def steps_to_reach(curve: np.ndarray, target: float) -> int | None:
+    """Steps until `curve` first reaches `target` or below (curve[t] is the loss
+    after t + 1 steps); None when it never does."""
+    hits = np.flatnonzero(np.asarray(curve) <= target)
+    return int(hits[0]) + 1 if hits.size else None
+
+
+def speedup(
+    baseline_curve: np.ndarray, target: float, horizon: int
+) -> tuple[float, bool]:
+    """VeLO's speedup: steps the baseline needs to reach `target`, over `horizon`.
+
+    The baseline may have run longer than `horizon` (say 2x); when it never reaches
+    the target the speedup is capped at `len(baseline_curve) / horizon` and the
+    second value is False.
+
+    Example:
+        >>> speedup(np.array([3.0, 2.0, 1.0, 0.5]), target=1.0, horizon=2)
+        (1.5, True)
+        >>> speedup(np.array([3.0, 2.0]), target=1.0, horizon=1)
+        (2.0, False)
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    steps = steps_to_reach(baseline_curve, target)
+    if steps is None:
+        return len(baseline_curve) / horizon, False
+    return steps / horizon, True
+
+
 def _summary(metrics: dict[str, np.ndarray]) -> dict[str, float]:
     return {
         name: float(np.mean(values))

@@ -100,6 +100,7 @@ def write_arrays(path: str | os.PathLike, tree, header: dict[str, Any]) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + _LENGTH.pack(len(blob)) + blob + payload)
             f.flush()

@@ -120,3 +120,21 @@ def strong_types(tree):
     that `init` returns and the one a jitted step returns share one signature and the
     second step does not recompile."""
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
+
+
+def check_population_memory(system, theta, population_size: int, mesh, es_state=None):
+    """Refuses a population whose particles cannot fit on the mesh's devices.
+
+    Per particle: its perturbed theta and noise, and three copies of its inner state
+    (state, gradients, updates); replicated: the ES state.
+    """
+    from es_l2o import sharding
+
+    inner = jax.eval_shape(system.init, jax.random.key(0), theta)
+    sharding.check_memory(
+        population_size=population_size,
+        bytes_per_particle=2 * sharding.tree_bytes(theta)
+        + 3 * sharding.tree_bytes(inner),
+        replicated_bytes=sharding.tree_bytes(es_state) if es_state is not None else 0,
+        mesh=mesh,
+    )

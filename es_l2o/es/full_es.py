@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import optax
 from evosax.algorithms import distribution_based_algorithms
 from flax import struct
+from jax.sharding import Mesh
 
+from es_l2o import sharding
 from es_l2o.es import common
 from es_l2o.unroll import UnrolledSystem
 
@@ -74,6 +76,8 @@ class FullES:
             validation split, else train_mean.
         fitness_shaping: "centered_rank", "standardize", "normalize" or "identity".
         nonfinite_penalty: fitness given to a particle whose meta-loss is not finite.
+        mesh: a `es_l2o.sharding.population_mesh`: particles are split over its
+            devices (None: wherever JAX puts them).
 
     Example:
         >>> import jax, optax
@@ -102,6 +106,7 @@ class FullES:
         fitness_shaping: str = "centered_rank",
         nonfinite_penalty: float = 1e3,
         algorithm_kwargs: dict | None = None,
+        mesh: Mesh | None = None,
     ):
         common.choose(meta_loss, dict.fromkeys(META_LOSSES), "meta_loss")
         if meta_loss == "auto":
@@ -127,6 +132,8 @@ class FullES:
         self._fitness_shaping = fitness_shaping
         self._algorithm_kwargs = dict(algorithm_kwargs or {})
         self.algorithm = None
+        self.mesh = mesh
+        sharding.check_population(self.population_size, mesh)
         if isinstance(algorithm, str):
             common.choose(algorithm, distribution_based_algorithms, "evosax algorithm")
         common.choose(fitness_shaping, common.FITNESS_SHAPING, "fitness shaping")
@@ -156,8 +163,11 @@ class FullES:
         """ES state centred on `theta`."""
         self._build(theta)
         es_state = self.algorithm.init(key, theta, self.params)
+        common.check_population_memory(
+            self.system, theta, self.population_size, self.mesh, es_state
+        )
         state = ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
-        return common.strong_types(state)
+        return sharding.put_replicated(common.strong_types(state), self.mesh)
 
     def theta(self, state: ESState):
         """The current mean meta-parameters."""
@@ -171,6 +181,7 @@ class FullES:
         key_ask, key_unroll, key_tell = jax.random.split(key, 3)
         population, es_state = self.algorithm.ask(key_ask, state.es_state, self.params)
         keys = common.particle_keys(key_unroll, self.population_size, self.antithetic)
+        population, keys = sharding.shard_population((population, keys), self.mesh)
         raw, failed = jax.vmap(self.unroll)(population, keys)
         fitness = common.sanitize_fitness(raw, self.nonfinite_penalty)
         es_state, _ = self.algorithm.tell(

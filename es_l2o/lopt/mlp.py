@@ -172,16 +172,16 @@ class MLPLOpt(LearnedOptimizer):
                     F.timescale_features(state.count),
                 ]
             )
-            hidden = inputs.T @ theta["layer_0"]["w"] + (
-                theta["layer_0"]["b"] + time @ theta["time"]["w"]
-            )
-            hidden = jax.nn.relu(hidden)
+            # feature-major: activations are (width, N), so every matmul streams
+            # over the long parameter axis
+            bias = theta["layer_0"]["b"] + time @ theta["time"]["w"]
+            hidden = jax.nn.relu(theta["layer_0"]["w"].T @ inputs + bias[:, None])
             for i in range(1, len(self.hidden_sizes)):
                 layer = theta[f"layer_{i}"]
-                hidden = jax.nn.relu(hidden @ layer["w"] + layer["b"])
-            out = hidden @ theta["output"]["w"] + theta["output"]["b"]
-            out = out + inputs.T @ theta["skip"]["w"]
-            step = out[:, 0] * jnp.exp(self.exp_mult * out[:, 1]) * self.step_mult
+                hidden = jax.nn.relu(layer["w"].T @ hidden + layer["b"][:, None])
+            out = theta["output"]["w"].T @ hidden + theta["output"]["b"][:, None]
+            out = out + theta["skip"]["w"].T @ inputs
+            step = out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
             dtypes = [g.dtype for g in jax.tree_util.tree_leaves(updates)]
             return layout.unflatten(step, dtypes), MLPLOptState(count, stats)
 

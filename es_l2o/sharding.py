@@ -1,0 +1,154 @@
+"""The population axis spread over every device (and host) JAX sees.
+
+Estimators put their per-particle arrays (perturbed meta-parameters, keys, inner
+states) on a one-axis `Mesh` named "population"; XLA partitions the vmapped unroll
+so each device trains its own slice of the population, while the ES state and the
+mean meta-parameters stay replicated. Fitness reductions in `tell` become
+all-reduces. The same code runs on one CPU, a GPU, or a TPU pod.
+
+Example:
+    >>> mesh = population_mesh()            # every device
+    >>> check_population(16, mesh)          # raises unless 16 splits evenly
+    >>> import jax.numpy as jnp
+    >>> x = shard_population(jnp.zeros((16, 3)), mesh)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+POPULATION_AXIS = "population"
+
+
+def initialize_distributed(enabled: bool, **kwargs) -> None:
+    """Starts JAX's multi-host runtime (`jax.distributed.initialize`) when enabled.
+
+    Call it before anything else touches JAX devices. On a cluster (SLURM, TPU pods,
+    Open MPI) the coordinator, process count and process id are detected; pass
+    `coordinator_address`, `num_processes`, `process_id` elsewhere.
+    """
+    if enabled:
+        jax.distributed.initialize(**kwargs)
+
+
+def population_mesh(
+    num_devices: int | None = None, devices: Sequence | None = None
+) -> Mesh:
+    """A one-axis mesh over `devices` (default: all of `jax.devices()`, every host).
+
+    Args:
+        num_devices: use only the first `num_devices` devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if num_devices is not None:
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(
+                f"num_devices must lie in [1, {len(devices)}] (the devices JAX sees), "
+                f"got {num_devices}"
+            )
+        devices = devices[:num_devices]
+    return Mesh(np.asarray(devices), (POPULATION_AXIS,))
+
+
+def check_population(population_size: int, mesh: Mesh | None) -> None:
+    """Raises ValueError unless the population splits evenly over the mesh."""
+    if mesh is None:
+        return
+    count = mesh.devices.size
+    if population_size % count:
+        fits = (population_size // count + 1) * count
+        raise ValueError(
+            f"population_size={population_size} does not split evenly over {count} "
+            f"devices; use a multiple of {count}, such as {fits}"
+        )
+
+
+def shard_population(tree, mesh: Mesh | None):
+    """Splits the leading (population) axis of every leaf over the mesh (in jit)."""
+    if mesh is None:
+        return tree
+    spec = NamedSharding(mesh, PartitionSpec(POPULATION_AXIS))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+
+
+def replicate(tree, mesh: Mesh | None):
+    """Places every leaf whole on every device of the mesh (in jit)."""
+    if mesh is None:
+        return tree
+    spec = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+
+
+def put_replicated(tree, mesh: Mesh | None):
+    """Places concrete arrays whole on every device of the mesh (outside jit), so
+    that a state from `init` has the sharding a jitted step returns (no recompile)."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def device_memory_bytes(device=None) -> int | None:
+    """Memory one device can use: the allocator's limit, or host RAM for a CPU."""
+    device = jax.devices()[0] if device is None else device
+    stats = None
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without statistics
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array in `tree` (works on `jax.ShapeDtypeStruct`s)."""
+    return sum(
+        int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def check_memory(
+    *,
+    population_size: int,
+    bytes_per_particle: int,
+    replicated_bytes: int,
+    mesh: Mesh | None,
+    device_bytes: int | None = None,
+    headroom: float = 0.5,
+) -> None:
+    """Refuses, before compiling, a configuration that cannot fit in device memory.
+
+    The estimate per device is `replicated_bytes + bytes_per_particle *
+    population_size / num_devices`; at most `headroom` of the device's memory may be
+    planned (XLA needs the rest for temporaries).
+
+    Raises:
+        MemoryError: naming a population and a device count that would fit.
+    """
+    count = 1 if mesh is None else mesh.devices.size
+    device_bytes = device_memory_bytes() if device_bytes is None else device_bytes
+    if not device_bytes:
+        return
+    budget = headroom * device_bytes - replicated_bytes
+    per_device = bytes_per_particle * population_size / count
+    if per_device <= budget:
+        return
+    fits = max(int(budget // max(bytes_per_particle, 1)) * count, 0)
+    fits -= fits % (2 * count) if fits >= 2 * count else 0
+    needed = int(np.ceil(bytes_per_particle * population_size / max(budget, 1)))
+    raise MemoryError(
+        f"population_size={population_size} needs about {per_device / 2**30:.2f} GiB "
+        f"per device on {count} device(s), more than the {budget / 2**30:.2f} GiB "
+        f"available; use population_size <= {fits} or at least {needed} devices"
+    )

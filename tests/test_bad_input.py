@@ -1,0 +1,249 @@
+"""Bad input never crashes or corrupts: bad options give one clear line (exit 2),
+crafted files never run code, and diverging tasks never make theta non-finite."""
+
+import hashlib
+import io
+import json
+import pickle
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from es_l2o import checkpoint, export
+from es_l2o.cli import eval_main, train_main
+from es_l2o.es import PES, FullES
+from es_l2o.lopt import MLPLOpt
+from es_l2o.meta import load_snapshot, meta_train
+from es_l2o.tasks import Task, TaskFamily
+from es_l2o.unroll import LOptTraining
+
+TINY = [
+    "population=quadratic",
+    "num_iterations=2",
+    "system.horizon=4",
+    "es.population_size=4",
+    "lopt.hidden_sizes=[4]",
+    "progress=false",
+]
+
+# ------------------------------------------------------------------------------------
+# options
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["checkpoint_keep=0"], "checkpoint_keep must be an integer >= 1, got 0"),
+        (["checkpoint_every=-5"], "checkpoint_every must be an integer >= 0, got -5"),
+        (["checkpoint_every=2.5"], "checkpoint_every must be an integer >= 0, got 2.5"),
+        (["tensorboard=maybe"], "tensorboard must be true or false, got 'maybe'"),
+        (["progress=3"], "progress must be true or false, got 3"),
+        (["num_iterations=-1"], "num_iterations must be a positive integer, got -1"),
+        (["es.std=-0.1"], "std must be > 0, got -0.1"),
+        (["checkpoint_evry=5"], "checkpoint_evry"),
+        (["population=nope"], "nope"),
+    ],
+)
+def test_a_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys):
+    assert train_main([*TINY, f"run_dir={tmp_path}", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("es-l2o-train: error:") and message in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
+    assert train_main([f"resume={tmp_path}"]) == 2
+    assert "no config.yaml there" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("- just\n- a list\n")
+    assert train_main([f"resume={tmp_path}"]) == 2
+    assert "is not a mapping of settings" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------
+# files
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    lopt = MLPLOpt(hidden_sizes=(4,))
+    path = tmp_path_factory.mktemp("opt") / "opt.eslo"
+    export.save(path, lopt, lopt.init(jax.random.key(0)))
+    return path
+
+
+def test_an_optimizer_file_of_another_architecture_is_refused(saved):
+    with pytest.raises(export.OptimizerFileError, match="holds a 'mlp' optimizer"):
+        export.load(saved, num_steps=10, architecture="lstm")
+    with pytest.raises(export.OptimizerFileError, match="expected 'lstm'"):
+        export.load_theta(saved, architecture="lstm")
+    assert export.load(saved, num_steps=10, architecture="mlp") is not None
+
+
+class _Payload:
+    """Unpickling this would run `open(marker, "w")`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _forge(raw: bytes, **changes) -> bytes:
+    """An es_l2o file with its header changed and a checksum that matches again."""
+    (length,) = struct.unpack("<Q", raw[8:16])
+    header = json.loads(raw[16 : 16 + length])
+    payload = raw[16 + length :]
+    header = {k: v for k, v in header.items() if k != "sha256"}
+    header.update(changes)
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    header["sha256"] = hashlib.sha256(canonical + payload).hexdigest()
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return raw[:8] + struct.pack("<Q", len(blob)) + blob + payload
+
+
+def _crafted_files(tmp_path, saved):
+    """Files an attacker could hand out, each under a trusted-looking name."""
+    marker = tmp_path / "pwned"
+    files = {"pickle": pickle.dumps({"theta": _Payload(str(marker))})}
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
+    files["npy_object"] = buffer.getvalue()
+    # well-formed es_l2o files (valid checksums) that ask for unsafe things
+    raw = saved.read_bytes()
+    (length,) = struct.unpack("<Q", raw[8:16])
+    leaves = json.loads(raw[16 : 16 + length])["leaves"]
+    files["object_dtype"] = _forge(
+        raw, leaves=[dict(r, dtype="object") for r in leaves]
+    )
+    files["code_architecture"] = _forge(raw, architecture="os.system")
+    files["code_config"] = _forge(
+        raw, config={"_target_": "os.system", "hidden_sizes": "__import__('os')"}
+    )
+    return marker, files
+
+
+def test_crafted_files_are_refused_and_never_run_code(tmp_path, saved, capsys):
+    marker, files = _crafted_files(tmp_path, saved)
+    template = {"x": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    for name, data in files.items():
+        path = tmp_path / f"{name}.eslo"
+        path.write_bytes(data)
+        with pytest.raises(export.OptimizerFileError):
+            export.load_theta(path)
+        assert eval_main([str(path), "horizon=4"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("es-l2o-eval: error:") and len(err.splitlines()) == 1
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "ckpt-00000001.eslc").write_bytes(data)
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load(folder, template)
+    assert not marker.exists()
+
+
+def test_forged_checkpoint_headers_are_refused(tmp_path):
+    path = checkpoint.save(tmp_path, {"k": jax.random.key(0)}, iteration=1)
+    raw = path.read_bytes()
+    template = jax.eval_shape(lambda: {"k": jax.random.key(0)})
+    for changes, match in (
+        ({"key_impls": {"['k']": "evil"}}, "holds PRNG keys"),
+        ({"iteration": -4}, "bad iteration"),
+        ({"format_version": 99}, "format version 99"),
+    ):
+        path.write_bytes(_forge(raw, **changes))
+        with pytest.raises(checkpoint.CheckpointError, match=match):
+            checkpoint.load(path, template)
+    path.write_bytes(raw)
+    assert checkpoint.load(path, template).iteration == 1
+
+
+# ------------------------------------------------------------------------------------
+# diverging tasks
+
+
+class _ExplodingTask(Task):
+    """exp(growth * x): a large learned step overflows it to inf (NaN gradients)."""
+
+    def __init__(self, growth):
+        self.growth = growth
+
+    def init(self, key):
+        return {"x": jnp.ones(3)}
+
+    def loss(self, params, key):
+        return jnp.sum(jnp.exp(self.growth * params["x"]))
+
+
+class _ExplodingFamily(TaskFamily):
+    name = "exploding"
+
+    def sample(self, key):
+        return jax.random.choice(key, jnp.array([1.0, 100.0]))  # half the tasks blow up
+
+    def task(self, cfg):
+        return _ExplodingTask(cfg)
+
+
+LOPT = MLPLOpt(hidden_sizes=(4,))
+
+
+@pytest.mark.parametrize("kind", ["full_es", "pes"])
+def test_diverging_tasks_keep_meta_training_with_a_finite_theta(kind, tmp_path):
+    system = LOptTraining(_ExplodingFamily(), LOPT, horizon=5, nonfinite_penalty=1e3)
+    if kind == "full_es":
+        es = FullES(system, population_size=8, std=0.1, optimizer=optax.sgd(1.0))
+    else:
+        es = PES(
+            system,
+            population_size=8,
+            std=0.1,
+            optimizer=optax.sgd(1.0),
+            truncation_length=3,
+        )
+    theta0, key = LOPT.init(jax.random.key(1)), jax.random.key(2)
+    result = meta_train(
+        es,
+        theta0,
+        key=key,
+        num_iterations=4,
+        metrics_path=tmp_path / "metrics.jsonl",
+        checkpoint_dir=tmp_path / "checkpoints",
+        checkpoint_every=1,
+        checkpoint_keep=4,
+        progress=False,
+    )
+    assert len(result.history) == 4
+    assert all(
+        np.isfinite(r["meta_loss"]) and r["theta_finite"] for r in result.history
+    )
+    assert sum(r["nonfinite_steps"] for r in result.history) > 0  # resets counted
+    if kind == "pes":
+        assert sum(r["nonfinite_particles"] for r in result.history) > 0
+    for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
+        snapshot = load_snapshot(path, es, theta0, key, validation=False)
+        theta = es.theta(snapshot.state)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(theta))
+    moved = optax.tree.norm(jax.tree.map(jnp.subtract, result.theta, theta0))
+    assert float(moved) > 0  # it kept learning, not frozen
+    # resuming from the middle (every particle's inner state, the evosax and
+    # meta-optimizer states, NaN loss scales and all) ends bitwise the same
+    middle = load_snapshot(
+        checkpoint.checkpoint_path(tmp_path / "checkpoints", 2),
+        es,
+        theta0,
+        key,
+        validation=False,
+    )
+    resumed = meta_train(
+        es, theta0, key=key, num_iterations=4, resume=middle, progress=False
+    )
+    for a, b in zip(
+        jax.tree.leaves(resumed.state), jax.tree.leaves(result.state), strict=True
+    ):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()

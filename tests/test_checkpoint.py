@@ -1,0 +1,588 @@
+"""Meta-training survives: checkpoints round-trip the whole state, a killed or stopped
+run resumes bitwise where an uninterrupted one ends, signals stop it cleanly, and
+TensorBoard event files are valid."""
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from es_l2o import checkpoint, event_file, export
+from es_l2o.cli import train_main
+from es_l2o.meta import (
+    Interrupted,
+    NonFiniteThetaError,
+    ResumeError,
+    Snapshot,
+    load_snapshot,
+    meta_train,
+    truncate_lines,
+)
+
+# ------------------------------------------------------------------------------------
+# the checkpoint file
+
+
+def _tree():
+    return {
+        "w": jnp.arange(6.0).reshape(2, 3),
+        "count": jnp.int32(7),
+        "flags": jnp.array([True, False]),
+        "key": jax.random.key(3),
+        "keys": jax.random.split(jax.random.key(4, impl="rbg"), 2),
+        "nested": (jnp.ones(2, jnp.bfloat16), {"u": jnp.uint32(5)}),
+    }
+
+
+def _bits(tree):
+    """Leaves as raw bytes (typed keys as their key data)."""
+    return [
+        np.asarray(jax.random.key_data(x) if checkpoint._is_key(x) else x).tobytes()
+        for x in jax.tree.leaves(tree)
+    ]
+
+
+def test_round_trip_keeps_every_leaf_and_typed_keys(tmp_path):
+    tree = _tree()
+    path = checkpoint.save(
+        tmp_path, tree, iteration=12, metrics_position=11, metadata={"a": 1}
+    )
+    loaded = checkpoint.load(tmp_path, jax.eval_shape(lambda: tree))
+    assert (loaded.iteration, loaded.metrics_position) == (12, 11)
+    assert loaded.metadata == {"a": 1} and loaded.path == path
+    assert jax.tree.structure(loaded.tree) == jax.tree.structure(tree)
+    assert _bits(loaded.tree) == _bits(tree)
+    assert loaded.tree["keys"].dtype == tree["keys"].dtype  # rbg stays rbg
+    np.testing.assert_array_equal(  # the key still draws the same numbers
+        jax.random.normal(loaded.tree["key"], (3,)),
+        jax.random.normal(tree["key"], (3,)),
+    )
+
+
+def test_keeps_the_last_k_and_cleans_temporary_files(tmp_path):
+    (tmp_path / ".tmp-left-by-a-kill.part").write_bytes(b"partial")
+    for i in range(1, 6):
+        checkpoint.save(tmp_path, {"x": jnp.float32(i)}, iteration=i, keep=2)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
+        "ckpt-00000004.eslc",
+        "ckpt-00000005.eslc",
+    ]
+    assert not list(tmp_path.glob(".tmp-*"))
+    loaded = checkpoint.load(tmp_path, {"x": jax.ShapeDtypeStruct((), jnp.float32)})
+    assert loaded.iteration == 5 and float(loaded.tree["x"]) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        ({"x": jax.ShapeDtypeStruct((3,), jnp.float32)}, r"x'\] is float32\[2\]"),
+        ({"x": jax.ShapeDtypeStruct((2,), jnp.int32)}, "expected int32"),
+        ({"y": jax.ShapeDtypeStruct((2,), jnp.float32)}, "missing"),
+        ({"x": jax.eval_shape(lambda: jax.random.split(jax.random.key(0)))}, "PRNG"),
+    ],
+)
+def test_a_checkpoint_of_another_structure_is_refused(tmp_path, template, match):
+    checkpoint.save(tmp_path, {"x": jnp.zeros(2)}, iteration=1)
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+        checkpoint.load(tmp_path, template)
+
+
+def test_missing_and_damaged_checkpoints_are_refused(tmp_path):
+    template = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path, template)
+    path = checkpoint.save(tmp_path, {"x": jnp.arange(4.0)}, iteration=3)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match="corrupted"):
+        checkpoint.load(path, template)
+    path.write_bytes(bytes(raw[:-8]))
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+        checkpoint.load(path, template)
+    export.save(tmp_path / "opt.eslo", export.LOPTS["mlp"](), {"not": jnp.zeros(1)})
+    with pytest.raises(
+        checkpoint.CheckpointError, match="expected 'es_l2o.checkpoint'"
+    ):
+        checkpoint.load(tmp_path / "opt.eslo", template)
+
+
+def test_truncate_lines_cuts_after_the_checkpoint_position(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"i": 0}\n{"i": 1}\n{"i": 2}\n{"i": 3, "partial')
+    assert truncate_lines(path, 2) == 2
+    assert path.read_text() == '{"i": 0}\n{"i": 1}\n'
+    with pytest.warns(UserWarning, match="holds 2 complete lines"):
+        assert truncate_lines(path, 5) == 2
+
+
+# ------------------------------------------------------------------------------------
+# the trainer: resume, signals, non-finite theta (a cheap stand-in estimator)
+
+
+class _Walk:
+    """A stand-in estimator: theta takes random steps from a key carried in the
+    state and from the iteration key (both must be restored for a bitwise resume)."""
+
+    algorithm = None
+
+    def __init__(self, on_step=None, break_at=None):
+        self.on_step, self.break_at = on_step, break_at
+        self._step = jax.jit(self._pure_step)
+
+    def init(self, key, theta):
+        return {"theta": theta, "key": key, "count": jnp.zeros((), jnp.int32)}
+
+    def theta(self, state):
+        return state["theta"]
+
+    def _pure_step(self, key, state):
+        carried, sub = jax.random.split(state["key"])
+        theta = jax.tree.map(
+            lambda t: (
+                t
+                + 0.1 * jax.random.normal(sub, t.shape)
+                + 0.01 * jax.random.normal(key, t.shape)
+            ),
+            state["theta"],
+        )
+        count = state["count"] + 1
+        if self.break_at is not None:
+            theta = jax.tree.map(
+                lambda t: jnp.where(count == self.break_at, jnp.nan, t), theta
+            )
+        flat = jnp.concatenate([jnp.ravel(t) for t in jax.tree.leaves(theta)])
+        metrics = {
+            "meta_loss": jnp.sum(flat**2),
+            "theta_finite": jnp.all(jnp.isfinite(flat)),
+        }
+        return {"theta": theta, "key": carried, "count": count}, metrics
+
+    def step(self, key, state):
+        out = self._step(key, state)
+        if self.on_step is not None:
+            self.on_step(int(out[0]["count"]))
+        return out
+
+
+THETA0 = {"a": jnp.zeros(3), "b": jnp.ones((2, 2))}
+
+
+def _loss(theta):  # a deterministic "meta-validation" loss
+    return float(jnp.sum((theta["a"] - 0.3) ** 2) + jnp.sum(theta["b"] ** 2))
+
+
+def _train(tmp, estimator, num_iterations=9, **kwargs):
+    kwargs.setdefault("validate", _loss)
+    kwargs.setdefault("validate_every", 2)
+    return meta_train(
+        estimator,
+        THETA0,
+        key=jax.random.key(0),
+        num_iterations=num_iterations,
+        metrics_path=tmp / "metrics.jsonl",
+        checkpoint_dir=tmp / "checkpoints",
+        checkpoint_every=2,
+        progress=False,
+        **kwargs,
+    )
+
+
+def _records(path):
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    for line in lines:
+        line.pop("wall_time_s")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    return tmp, _train(tmp, _Walk())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_the_iteration_checkpoints_and_resume_is_exact(
+    tmp_path, reference, signum
+):
+    ref_dir, ref = reference
+
+    def send(count):
+        if count == 3:
+            os.kill(os.getpid(), signum)
+
+    previous = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as stopped:
+        _train(tmp_path, _Walk(on_step=send))
+    assert signal.getsignal(signum) is previous  # handlers restored
+    assert stopped.value.iteration == 3 and stopped.value.signum == signum
+    assert stopped.value.checkpoint == tmp_path / "checkpoints" / "ckpt-00000003.eslc"
+    assert len(_records(tmp_path / "metrics.jsonl")) == 3
+    # a line written after the checkpoint (as by a kill) is dropped on resume
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 3, "wall_time_s": 0, "stale": 1}\n{"partial')
+    result = _train(tmp_path, _Walk(), resume=tmp_path / "checkpoints")
+    assert [r["iteration"] for r in result.history] == list(range(3, 9))
+    assert _bits(result.state) == _bits(ref.state)
+    assert _bits(result.best_theta) == _bits(ref.best_theta)
+    assert (result.best_iteration, result.best_validation_loss) == (
+        ref.best_iteration,
+        ref.best_validation_loss,
+    )
+    assert _records(tmp_path / "metrics.jsonl") == _records(ref_dir / "metrics.jsonl")
+
+
+def test_a_finished_run_resumes_for_more_iterations(tmp_path, reference):
+    ref_dir = reference[0]
+    shutil.copytree(ref_dir, tmp_path / "more")
+    longer = _train(
+        tmp_path / "more", _Walk(), 12, resume=tmp_path / "more/checkpoints"
+    )
+    assert [r["iteration"] for r in longer.history] == [9, 10, 11]
+    direct = _train(tmp_path, _Walk(), 12)
+    assert _bits(longer.state) == _bits(direct.state)
+    assert checkpoint.iteration_of(longer.checkpoint) == 12
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    def twice(count):
+        if count == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, _Walk(on_step=twice))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert checkpoint.latest(tmp_path / "checkpoints") is None
+
+
+def test_resume_refuses_another_seed_structure_or_length(tmp_path, reference):
+    ref_dir = reference[0]
+    walk = _Walk()
+    with pytest.raises(ResumeError, match="another key"):
+        load_snapshot(
+            ref_dir / "checkpoints", walk, THETA0, jax.random.key(1), validation=True
+        )
+    with pytest.raises(checkpoint.CheckpointError, match="unexpected"):
+        load_snapshot(
+            ref_dir / "checkpoints",
+            walk,
+            {"a": jnp.zeros(3)},
+            jax.random.key(0),
+            validation=True,
+        )
+    with pytest.raises(ResumeError, match="beyond num_iterations=4"):
+        _train(tmp_path, walk, num_iterations=4, resume=ref_dir / "checkpoints")
+    bad = Snapshot(walk.init(jax.random.key(0), {"a": jnp.zeros(2)}), None, 1, 1)
+    with pytest.raises(ResumeError, match="does not match"):
+        _train(tmp_path, walk, resume=bad)
+    (tmp_path / "full").mkdir()
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "full" / "checkpoints")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        _train(tmp_path / "full", walk)
+
+
+def test_a_non_finite_theta_stops_the_run_before_it_is_saved(tmp_path):
+    with pytest.raises(NonFiniteThetaError, match="non-finite at iteration 4"):
+        _train(tmp_path, _Walk(break_at=5), validate=None)
+    for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
+        header, arrays = export.read_arrays(path, checkpoint.FORMAT)
+        assert header["iteration"] <= 4
+        assert all(
+            np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f"
+        )
+
+
+# ------------------------------------------------------------------------------------
+# TensorBoard event files
+
+
+def _read_events(path):
+    """Decodes an event file: [(step, {tag: value}, session_start, file_version)]."""
+    data, at, events = Path(path).read_bytes(), 0, []
+    while at < len(data):
+        (length,) = struct.unpack_from("<Q", data, at)
+        (length_crc,) = struct.unpack_from("<I", data, at + 8)
+        assert length_crc == event_file.masked_crc32c(data[at : at + 8])
+        body = data[at + 12 : at + 12 + length]
+        (body_crc,) = struct.unpack_from("<I", data, at + 12 + length)
+        assert body_crc == event_file.masked_crc32c(body)
+        events.append(_decode_event(body))
+        at += 16 + length
+    return events
+
+
+def _varint(buf, i):
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if not byte & 0x80:
+            return value, i
+
+
+def _fields(buf):
+    i, out = 0, []
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 1:
+            value, i = buf[i : i + 8], i + 8
+        elif wire == 5:
+            value, i = buf[i : i + 4], i + 4
+        else:
+            size, i = _varint(buf, i)
+            value, i = buf[i : i + size], i + size
+        out.append((number, value))
+    return out
+
+
+def _decode_event(body):
+    step, scalars, start, version = None, {}, False, None
+    for number, value in _fields(body):
+        if number == 2:
+            step = value
+        elif number == 3:
+            version = value.decode()
+        elif number == 5:
+            for _, item in _fields(value):
+                item = dict(_fields(item))
+                scalars[item[1].decode()] = struct.unpack("<f", item[2])[0]
+        elif number == 7:
+            start = dict(_fields(value)) == {1: 1}
+    return step, scalars, start, version
+
+
+def test_crc32c_matches_the_standard_check_value():
+    assert event_file.crc32c(b"123456789") == 0xE3069283
+    assert event_file.crc32c(b"") == 0
+
+
+def test_event_files_decode_and_a_resumed_writer_marks_its_restart(tmp_path):
+    with event_file.EventFileWriter(tmp_path) as writer:
+        writer.scalars(0, {"meta_loss": 2.5, "theta_finite": 1, "note": "skipped"})
+        writer.scalars(1, {"meta_loss": float("nan")})
+    with event_file.EventFileWriter(tmp_path / "b", resume_step=7) as writer:
+        writer.scalars(7, {"meta_loss": -1.0})
+    first = _read_events(next(tmp_path.glob("events.out.tfevents.*")))
+    assert first[0][3] == "brain.Event:2"
+    assert first[1][:3] == (0, {"meta_loss": 2.5, "theta_finite": 1.0}, False)
+    assert first[2][0] == 1 and np.isnan(first[2][1]["meta_loss"])
+    second = _read_events(next((tmp_path / "b").glob("events.out.tfevents.*")))
+    assert [e[:3] for e in second[1:]] == [
+        (7, {}, True),
+        (7, {"meta_loss": -1.0}, False),
+    ]
+
+
+# ------------------------------------------------------------------------------------
+# the command line, in subprocesses: SIGKILL, SIGTERM and SIGINT mid-run
+
+TINY = [
+    "population=quadratic",
+    "system.horizon=4",
+    "es.population_size=4",
+    "lopt.hidden_sizes=[4]",
+    "evaluation.num_tasks=2",
+    "evaluation.learning_rates=[1e-3]",
+    "meta_validation.every=0",
+    "progress=false",
+]
+N = 60  # iterations; victims checkpoint every one, so they are killed early on
+
+
+class _Proc:
+    def __init__(self, run_dir, args, env):
+        self.run_dir = Path(run_dir)
+        self.log = self.run_dir.with_suffix(".log")
+        self.err = self.run_dir.with_suffix(".err")
+        with open(self.log, "w") as out, open(self.err, "w") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "es_l2o.cli", *args],
+                stdout=out,
+                stderr=err,
+                env=env,
+            )
+
+    def wait(self, timeout=300.0):
+        code = self.popen.wait(timeout)
+        return code, self.err.read_text()
+
+
+def _newest_iteration(run_dir):
+    path = checkpoint.latest(Path(run_dir) / "checkpoints")
+    return None if path is None else int(path.name[5:13])
+
+
+def _lines(path):
+    return len(Path(path).read_text().splitlines()) if Path(path).exists() else 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """ref: an uninterrupted run; once it has compiled its step (into a shared
+    compilation cache), kill / term / int start and are sent SIGKILL / SIGTERM /
+    SIGINT after their first checkpoint; kill is then resumed."""
+    root = tmp_path_factory.mktemp("cli_runs")
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    base = [*TINY, f"num_iterations={N}"]
+    ref = _Proc(root / "ref", [*base, f"run_dir={root / 'ref'}"], env)
+    deadline = time.monotonic() + 300
+    while _lines(root / "ref" / "metrics.jsonl") == 0:  # its step is compiled
+        assert ref.popen.poll() is None, ref.err.read_text()[-2000:]
+        assert time.monotonic() < deadline, "the reference run never started"
+        time.sleep(0.05)
+    victims = {
+        "kill": (signal.SIGKILL, ["checkpoint_keep=2", "tensorboard=true"]),
+        "term": (signal.SIGTERM, []),
+        "int": (signal.SIGINT, []),
+    }
+    procs = {
+        name: _Proc(
+            root / name,
+            [*base, "checkpoint_every=1", *extra, f"run_dir={root / name}"],
+            env,
+        )
+        for name, (_, extra) in victims.items()
+    }
+    out = {"root": root}
+    pending, deadline = dict(procs), time.monotonic() + 300
+    while pending:  # signal each one as soon as its first checkpoint exists
+        for name, proc in list(pending.items()):
+            if checkpoint.checkpoints(proc.run_dir / "checkpoints"):
+                proc.popen.send_signal(victims[name][0])
+                del pending[name]
+            else:
+                assert proc.popen.poll() is None, proc.err.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"no checkpoint from {sorted(pending)}"
+        time.sleep(0.005)
+    for name, proc in procs.items():
+        out[name] = proc.wait()
+        out[f"{name}_at"] = _newest_iteration(proc.run_dir)
+        out[f"{name}_lines"] = _lines(proc.run_dir / "metrics.jsonl")
+    resumed = _Proc(root / "kill_resume", [f"resume={root / 'kill'}"], env)
+    out["ref"] = ref.wait()
+    out["kill_resume"] = resumed.wait()
+    return out
+
+
+def _final_state(run_dir):
+    path = checkpoint.latest(Path(run_dir) / "checkpoints")
+    header, arrays = export.read_arrays(path, checkpoint.FORMAT)
+    return header["iteration"], arrays
+
+
+def _assert_same_run(run_dir, ref_dir):
+    (it, arrays), (ref_it, ref_arrays) = _final_state(run_dir), _final_state(ref_dir)
+    assert it == ref_it == N
+    assert sorted(arrays) == sorted(ref_arrays)
+    for name, array in arrays.items():  # the whole state, RNG keys included
+        assert np.array_equal(array, ref_arrays[name]), name
+    _, theta, _ = export.load_theta(run_dir / "optimizer.eslo")
+    _, ref_theta, _ = export.load_theta(ref_dir / "optimizer.eslo")
+    for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(ref_theta), strict=True):
+        assert np.array_equal(a, b)
+    assert _records(run_dir / "metrics.jsonl") == _records(ref_dir / "metrics.jsonl")
+
+
+def test_sigkill_then_resume_ends_bitwise_where_an_uninterrupted_run_ends(runs):
+    root = runs["root"]
+    assert runs["ref"][0] == 0, runs["ref"][1][-2000:]
+    assert runs["kill"][0] == -signal.SIGKILL
+    assert 1 <= runs["kill_at"] < N  # killed mid-run, after a checkpoint
+    assert runs["kill_lines"] >= runs["kill_at"]
+    assert runs["kill_resume"][0] == 0, runs["kill_resume"][1][-2000:]
+    assert len(checkpoint.checkpoints(root / "kill" / "checkpoints")) == 2  # keep=2
+    _assert_same_run(root / "kill", root / "ref")
+
+
+@pytest.mark.parametrize(("name", "signum"), [("term", 15), ("int", 2)])
+def test_sigterm_and_sigint_checkpoint_and_print_how_to_resume(runs, name, signum):
+    code, err = runs[name]
+    run_dir = runs["root"] / name
+    assert code == 128 + signum, err[-2000:]
+    assert "Traceback" not in err
+    assert f"es-l2o-train resume={run_dir}" in err
+    assert signal.Signals(signum).name in err
+    at = runs[f"{name}_at"]
+    assert 1 <= at < N
+    assert runs[f"{name}_lines"] == at  # stopped cleanly after the checkpoint
+    assert not (run_dir / "optimizer.eslo").exists()
+
+
+def test_tensorboard_events_of_a_killed_and_resumed_run(runs):
+    files = sorted((runs["root"] / "kill" / "tensorboard").glob("events.out.*"))
+    assert len(files) == 2
+    events = [_read_events(f) for f in files]
+    resumed, killed = sorted(events, key=lambda e: not any(x[2] for x in e))
+    start = runs["kill_at"]
+    assert resumed[1][:3] == (start, {}, True)  # SessionLog.START at the checkpoint
+    steps = [e[0] for e in resumed[2:]]
+    assert steps == list(range(start, N))
+    assert {e[0] for e in killed[1:]} >= set(range(start))
+    assert all("meta_loss" in e[1] for e in resumed[2:])
+
+
+# -- bad resumes, on copies of these runs --------------------------------------------
+
+
+def _copy(runs, name, tmp_path):
+    target = tmp_path / name
+    shutil.copytree(runs["root"] / name, target)
+    return target
+
+
+def _refused(argv, capsys):
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("es-l2o-train: error:") and len(err.splitlines()) == 1
+    return err
+
+
+def test_resume_with_another_config_is_refused(runs, tmp_path, capsys):
+    run_dir = _copy(runs, "ref", tmp_path)
+    err = _refused([f"resume={run_dir}", "es.std=0.5", "seed=3"], capsys)
+    assert "cannot change es.std (the run has 0.01, given 0.5); seed" in err
+    assert "only num_iterations" in err
+    err = _refused([f"resume={run_dir}", "lopt=lstm"], capsys)
+    assert "cannot change lopt" in err
+    err = _refused([f"resume={run_dir}", "num_iterations=5"], capsys)
+    assert "beyond num_iterations=5" in err
+    err = _refused([f"resume={tmp_path / 'nowhere'}"], capsys)
+    assert "no config.yaml there" in err
+    err = _refused([*TINY, f"run_dir={run_dir}"], capsys)
+    assert f"continue it with resume={run_dir}" in err
+
+
+def test_resume_from_a_corrupted_checkpoint_is_refused(runs, tmp_path, capsys):
+    run_dir = _copy(runs, "kill", tmp_path)
+    older, newest = checkpoint.checkpoints(run_dir / "checkpoints")
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    newest.write_bytes(bytes(raw))
+    err = _refused([f"resume={run_dir}"], capsys)
+    assert "corrupted" in err and newest.name in err
+    assert f"previous checkpoint {older.name}" in err
+    newest.unlink()
+    shutil.rmtree(run_dir / "checkpoints")
+    err = _refused([f"resume={run_dir}"], capsys)
+    assert "no checkpoint in" in err

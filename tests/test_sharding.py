@@ -1,0 +1,93 @@
+"""The population axis over 8 (forced host) devices: same theta as one device."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from es_l2o import sharding
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np, optax
+    from es_l2o.es import FullES
+    from es_l2o.lopt import MLPLOpt
+    from es_l2o.sharding import population_mesh
+    from es_l2o.unroll import LOptTraining
+    from populations.quadratic import QuadraticFamily
+
+    assert jax.device_count() == 8, jax.devices()
+    lopt = MLPLOpt(hidden_sizes=(4,))
+    system = LOptTraining(QuadraticFamily(), lopt, horizon=4)
+
+    def run(mesh):
+        es = FullES(system, population_size=16, std=0.01, optimizer=optax.adam(1e-2),
+                    mesh=mesh)
+        state = es.init(jax.random.key(0), lopt.init(jax.random.key(1)))
+        for i in range(2):
+            state, _ = es.step(jax.random.key(10 + i), state)
+        assert es.step._cache_size() == 1, "the second step recompiled"
+        text = es.step.lower(jax.random.key(0), state).compile().as_text()
+        return es.theta(state), text
+
+    one, _ = run(population_mesh(1))
+    eight, text = run(population_mesh(8))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the unroll was partitioned: each device trains 16 / 8 = 2 particles
+    assert "f32[2,10]" in text, "no per-device slice of the population in the program"
+    try:
+        FullES(system, population_size=12, mesh=population_mesh(8))
+    except ValueError as err:
+        assert "population_size=12 does not split evenly over 8 devices" in str(err)
+        assert "such as 16" in str(err)
+    else:
+        raise AssertionError("an uneven population was accepted")
+    print("SAME_THETA")
+    """
+)
+
+
+def test_eight_devices_give_the_same_theta_as_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SAME_THETA" in proc.stdout
+
+
+def test_population_must_split_evenly():
+    mesh = sharding.population_mesh(1)
+    sharding.check_population(5, mesh)  # one device takes any population
+    with pytest.raises(ValueError, match="num_devices must lie in"):
+        sharding.population_mesh(jax.device_count() + 1)
+
+
+def test_memory_check_names_a_population_and_device_count_that_fit():
+    mesh = sharding.population_mesh(1)
+    with pytest.raises(
+        MemoryError,
+        match=r"population_size=4096 .* population_size <= 1024 or at least 4 devices",
+    ):
+        sharding.check_memory(
+            population_size=4096,
+            bytes_per_particle=1000,
+            replicated_bytes=0,
+            mesh=mesh,
+            device_bytes=2_048_000,
+        )
+    sharding.check_memory(  # fits: no error
+        population_size=1024,
+        bytes_per_particle=1000,
+        replicated_bytes=0,
+        mesh=mesh,
+        device_bytes=2_048_000,
+    )
