@@ -5,10 +5,16 @@ to architectures by these names.
 """
 
 from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
+from es_l2o.lopt.deep_momentum import DeepMomentumLOpt
+from es_l2o.lopt.hierarchical import HierarchicalLOpt
+from es_l2o.lopt.lstm import LSTMLOpt
 from es_l2o.lopt.mlp import MLPLOpt
 
 LOPTS: dict[str, type[LearnedOptimizer]] = {
     MLPLOpt.name: MLPLOpt,
+    HierarchicalLOpt.name: HierarchicalLOpt,
+    LSTMLOpt.name: LSTMLOpt,
+    DeepMomentumLOpt.name: DeepMomentumLOpt,
 }
 
 
@@ -22,4 +28,13 @@ def get_lopt_class(name: str) -> type[LearnedOptimizer]:
         ) from None
 
 
-__all__ = ["LOPTS", "LearnedOptimizer", "MLPLOpt", "check_num_steps", "get_lopt_class"]
+__all__ = [
+    "LOPTS",
+    "DeepMomentumLOpt",
+    "HierarchicalLOpt",
+    "LSTMLOpt",
+    "LearnedOptimizer",
+    "MLPLOpt",
+    "check_num_steps",
+    "get_lopt_class",
+]

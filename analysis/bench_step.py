@@ -1,0 +1,295 @@
+"""Cost of each learned optimizer against `optax.adam`, measured in one process.
+
+For MLP classifiers of about 10k, 100k and 1M parameters (batch 128) and every
+optimizer config in `configs/lopt/` (or exported files given with `--export`) it
+measures the median time of one update, of one whole train step (forward, backward,
+update, apply), the optimizer-state bytes per parameter, and the same for Adam,
+interleaving optimizer and Adam runs so that load on the machine hits both alike.
+It also times the compilation of one update on a pytree of 10 and of 100 tensors
+(about 100k parameters either way).
+
+Writes `bench_step.csv` and `bench_step.md` (plus `bench_compile.csv`) to the output
+folder (default `analysis/results/`).
+
+Example:
+    python analysis/bench_step.py --sizes 10k,100k --repeats 10 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs" / "lopt"
+DEFAULT_LOPTS = ("mlp", "hierarchical", "hierarchical_velo", "lstm", "deep_momentum")
+#: hidden widths of the benchmark MLPs (784 inputs, 10 classes)
+SIZES = {"10k": (12,), "100k": (128,), "1M": (1024, 256), "100M": (8192, 8192, 4096)}
+BATCH = 128
+
+
+def build_lopt(name: str):
+    """The learned optimizer of `configs/lopt/<name>.yaml` (no Hydra needed)."""
+    cfg = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    module, _, cls = cfg.pop("_target_").rpartition(".")
+    return getattr(importlib.import_module(module), cls)(**cfg)
+
+
+def mlp_params(key, hidden):
+    sizes = (784, *hidden, 10)
+    params = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        key, sub = jax.random.split(key)
+        params[f"layer_{i}"] = {
+            "w": jax.random.normal(sub, (a, b)) / np.sqrt(a),
+            "b": jnp.zeros((b,)),
+        }
+    return params
+
+
+def mlp_loss(params, batch):
+    x, y = batch
+    for i in range(len(params)):
+        layer = params[f"layer_{i}"]
+        x = x @ layer["w"] + layer["b"]
+        if i < len(params) - 1:
+            x = jax.nn.relu(x)
+    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def make_fns(opt, loss_fn):
+    @jax.jit
+    def update(grads, state, params, loss):
+        return opt.update(grads, state, params, value=loss)
+
+    @jax.jit
+    def train_step(params, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, state = opt.update(grads, state, params, value=loss)
+        return optax.apply_updates(params, updates), state, loss
+
+    return update, train_step
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def interleaved(fn_a, args_a, fn_b, args_b, repeats, budget_s):
+    """Median seconds of fn_a and fn_b, alternating runs (after one warm-up each)."""
+    timed(fn_a, *args_a)
+    timed(fn_b, *args_b)
+    a, b = [], []
+    start = time.perf_counter()
+    for i in range(repeats):
+        a.append(timed(fn_a, *args_a))
+        b.append(timed(fn_b, *args_b))
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return float(np.median(a)), float(np.median(b)), len(a)
+
+
+def state_bytes(state) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def bench_size(size, hidden, opts, repeats, budget_s):
+    key = jax.random.key(0)
+    params = mlp_params(key, hidden)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    kx, ky = jax.random.split(jax.random.key(1))
+    batch = (
+        jax.random.normal(kx, (BATCH, 784)),
+        jax.random.randint(ky, (BATCH,), 0, 10),
+    )
+    loss, grads = jax.value_and_grad(mlp_loss)(params, batch)
+    adam = optax.adam(1e-3)
+    adam_state = adam.init(params)
+    adam_update, adam_step = make_fns(adam, mlp_loss)
+    rows = []
+    for name, opt in opts.items():
+        state = opt.init(params)
+        update, step = make_fns(opt, mlp_loss)
+        t_up, t_adam_up, reps = interleaved(
+            update,
+            (grads, state, params, loss),
+            adam_update,
+            (grads, adam_state, params, loss),
+            repeats,
+            budget_s,
+        )
+        t_step, t_adam_step, _ = interleaved(
+            step,
+            (params, state, batch),
+            adam_step,
+            (params, adam_state, batch),
+            repeats,
+            budget_s,
+        )
+        rows.append(
+            {
+                "size": size,
+                "num_params": n,
+                "optimizer": name,
+                "update_ms": 1e3 * t_up,
+                "adam_update_ms": 1e3 * t_adam_up,
+                "update_ratio": t_up / t_adam_up,
+                "step_ms": 1e3 * t_step,
+                "adam_step_ms": 1e3 * t_adam_step,
+                "step_ratio": t_step / t_adam_step,
+                "state_bytes_per_param": state_bytes(state) / n,
+                "adam_state_bytes_per_param": state_bytes(adam_state) / n,
+                "repeats": reps,
+            }
+        )
+        print(
+            f"{size:>5} {name:>18}: update {1e3 * t_up:9.3f} ms "
+            f"({t_up / t_adam_up:6.2f}x adam), step {1e3 * t_step:9.3f} ms "
+            f"({t_step / t_adam_step:5.2f}x adam), "
+            f"{state_bytes(state) / n:6.1f} B/param",
+            flush=True,
+        )
+    return rows
+
+
+def compile_times(opts, total=100_000, counts=(10, 100)):
+    """Seconds to compile one update on `count` equal matrices of ~`total` entries."""
+    rows = []
+    for name, opt in {"adam": optax.adam(1e-3), **opts}.items():
+        row = {"optimizer": name}
+        for count in counts:
+            side = int(round(np.sqrt(total / count)))
+            params = {f"t{i:03d}": jnp.ones((side, side)) for i in range(count)}
+            state = opt.init(params)
+            fn = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p, value=1.0))
+            start = time.perf_counter()
+            fn.lower(params, state, params).compile()
+            row[f"compile_s_{count}"] = time.perf_counter() - start
+        rows.append(row)
+        print(
+            f"compile {name:>18}: "
+            + ", ".join(f"{c} tensors {row[f'compile_s_{c}']:.2f} s" for c in counts),
+            flush=True,
+        )
+    return rows
+
+
+def markdown(rows, compile_rows, machine) -> str:
+    lines = [
+        f"Machine: {machine}",
+        "",
+        "| params | optimizer | update ms | x Adam | train step ms | x Adam "
+        "| state B/param (Adam) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['num_params']:,} | {r['optimizer']} | {r['update_ms']:.3f} "
+            f"| {r['update_ratio']:.2f} | {r['step_ms']:.3f} | {r['step_ratio']:.2f} "
+            f"| {r['state_bytes_per_param']:.1f} "
+            f"({r['adam_state_bytes_per_param']:.1f}) |"
+        )
+    if compile_rows:
+        counts = [k for k in compile_rows[0] if k.startswith("compile_s_")]
+        lines += [
+            "",
+            "| optimizer | "
+            + " | ".join(f"compile, {k.split('_')[-1]} tensors (s)" for k in counts)
+            + " |",
+            "| --- | " + " | ".join("---:" for _ in counts) + " |",
+        ]
+        for r in compile_rows:
+            lines.append(
+                f"| {r['optimizer']} | "
+                + " | ".join(f"{r[k]:.2f}" for k in counts)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path, rows):
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "analysis" / "results"))
+    parser.add_argument(
+        "--sizes", default="10k,100k,1M", help=f"comma list from {sorted(SIZES)}"
+    )
+    parser.add_argument(
+        "--lopts",
+        default=",".join(DEFAULT_LOPTS),
+        help="comma list of configs/lopt names",
+    )
+    parser.add_argument(
+        "--export", action="append", default=[], help="exported optimizer file(s)"
+    )
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--budget", type=float, default=3.0, help="seconds per measurement, at most"
+    )
+    parser.add_argument("--num-steps", type=int, default=1000)
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args(argv)
+
+    opts = {}
+    for name in filter(None, args.lopts.split(",")):
+        lopt = build_lopt(name)
+        opts[name] = lopt.transform(lopt.init(jax.random.key(0)), args.num_steps)
+    for path in args.export:
+        from es_l2o import export
+
+        opts[Path(path).stem] = export.load(path, num_steps=args.num_steps)
+
+    device = jax.devices()[0]
+    machine = (
+        f"{platform.processor() or platform.machine()}, "
+        f"{_cpu_model()}, jax {jax.__version__} on {device.platform} "
+        f"({device.device_kind})"
+    )
+    print(machine, flush=True)
+    rows = []
+    for size in args.sizes.split(","):
+        rows += bench_size(size, SIZES[size], opts, args.repeats, args.budget)
+    compile_rows = [] if args.no_compile else compile_times(opts)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "bench_step.csv", rows)
+    write_csv(out / "bench_compile.csv", compile_rows)
+    table = markdown(rows, compile_rows, machine)
+    (out / "bench_step.md").write_text(table)
+    print(table)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cores = Path("/proc/cpuinfo").read_text().count("processor\t:")
+                return f"{line.split(':', 1)[1].strip()} x{cores}"
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()

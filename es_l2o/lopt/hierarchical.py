@@ -1,0 +1,593 @@
+"""A VeLO-style hierarchical learned optimizer (Metz et al. 2022, arXiv 2211.09760).
+
+The expensive part runs once per tensor, the cheap part once per parameter:
+
+1. Per-tensor statistics (means and variances of the gradient, momenta and root
+   second moment after dividing by the tensor's parameter RMS, the tensor's rank and
+   size) plus training-progress and loss features form one input row per tensor.
+2. A mix layer `Linear(x) + max_over_tensors(relu(Linear'(x)))` (the only exchange
+   between tensors) feeds an LSTM whose weights are shared by every tensor and whose
+   state (learned initial value) is kept per tensor.
+3. The LSTM emits per tensor the coefficients that mix a bank of per-parameter MLP
+   weight sets (a hypernetwork) and a step-size multiplier.
+4. The generated MLP (two hidden layers of 4 units) reads ~30 Adafactor-style features
+   of every parameter and outputs a direction `d` and a log-magnitude `m`; the step is
+   `lr_mult * d * exp(exp_mult * m) * step_mult * max(rms(p), param_scale_floor)`.
+
+Everything runs on one block-padded flat vector (`features.BlockLayout`): per-tensor
+values reach the parameters as broadcasts along the block axis and per-tensor
+statistics are block reductions, so the compiled update has the same ops whatever
+the number of tensors (only the concatenate / split of the pytree grows).
+
+Each per-parameter feature channel is divided by a per-tensor scale of its base
+quantity (rms of the gradient, of each momentum, of the root second moment, the
+parameter RMS; ratios such as `m / sqrt(v)` are already scale-free). VeLO divides
+every channel by its own tensor RMS; one reduction per channel costs more than the
+rest of the update on a CPU, and per-tensor scales give the same invariance to
+rescaling a tensor's gradient or parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from es_l2o.lopt import features as F
+from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
+
+
+class HierarchicalState(NamedTuple):
+    """Optimizer state.
+
+    count: steps taken. stats: momenta and diagonal second moment of the padded
+    flat gradient. factored: row / column second moments. loss: loss EMAs.
+    tensor_means: per-tensor means of each momentum and of the second moment,
+    shape (num_momenta + 1, num_tensors): EMAs are linear, so these are EMAs of the
+    per-tensor mean gradient and squared gradient, with no pass over the parameters.
+    lstm_h, lstm_c: the per-tensor LSTM state, shape (num_tensors, lstm_size).
+    """
+
+    count: jax.Array
+    stats: F.GradientStats
+    factored: F.FactoredStats
+    loss: F.LossEMAState
+    tensor_means: jax.Array
+    lstm_h: jax.Array
+    lstm_c: jax.Array
+
+
+@functools.lru_cache(maxsize=64)
+def _factored_index(layout: F.BlockLayout) -> F.FactoredIndex:
+    return F.FactoredIndex.of(layout)
+
+
+class _NormalStream:
+    """Consecutive slices of one standard-normal draw.
+
+    One random-number program compiles much faster than one per weight matrix.
+    Without a key it only counts the draws (and returns zeros).
+    """
+
+    def __init__(self, key, total: int = 0):
+        self.values = None if key is None else jax.random.normal(key, (total,))
+        self.count = 0
+
+    def __call__(self, shape) -> jax.Array:
+        n = int(np.prod(shape))
+        start, self.count = self.count, self.count + n
+        if self.values is None:
+            return jnp.zeros(shape)
+        return self.values[start : start + n].reshape(shape)
+
+
+def _dense(normals, fan_in, fan_out, scale=1.0):
+    w = scale * normals((fan_in, fan_out)) / np.sqrt(max(fan_in, 1))
+    return {"w": w, "b": jnp.zeros((fan_out,))}
+
+
+class HierarchicalLOpt(LearnedOptimizer):
+    """Per-tensor LSTM hypernetwork over a per-parameter MLP (VeLO's design).
+
+    Args:
+        lstm_size: units of the per-tensor LSTM (VeLO: 512).
+        bank_size: per-parameter MLP weight sets mixed per tensor (VeLO: 256).
+        mix_size: width of the mix layer before the LSTM (VeLO: 512).
+        hidden_sizes: hidden widths of the per-parameter MLP (VeLO: (4, 4)).
+        momentum_decays: decays of the momentum accumulators.
+        second_moment_decay: decay of the diagonal second moment.
+        factored_decays: decays of the factored row / column second moments.
+        exp_mult: alpha in `d * exp(alpha * m)`.
+        step_mult: beta, the base step relative to the parameter scale.
+        param_scale_floor: floor on `rms(p)` so that zero-initialised tensors move.
+        block_size: entries per block of the padded flat layout.
+        bank_noise: spread of the bank members around their shared initialisation.
+
+    The initial `theta` behaves like momentum normalised by the root second moment
+    (an Adam-like direction) with noise, so that meta-training starts from an
+    optimizer that descends.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> lopt = HierarchicalLOpt(lstm_size=8, bank_size=2, mix_size=8)
+        >>> opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
+        >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update(params, state, params, value=jnp.array(1.0))
+        >>> jax.tree.map(jnp.shape, updates)
+        {'b': (3,), 'w': (2, 3)}
+    """
+
+    name = "hierarchical"
+
+    def __init__(
+        self,
+        lstm_size: int = 32,
+        bank_size: int = 8,
+        mix_size: int = 32,
+        hidden_sizes: Sequence[int] = (4, 4),
+        momentum_decays: Sequence[float] = (0.9, 0.99, 0.999),
+        second_moment_decay: float = 0.999,
+        factored_decays: Sequence[float] = (0.9, 0.99, 0.999),
+        exp_mult: float = 0.001,
+        step_mult: float = 0.01,
+        param_scale_floor: float = 0.01,
+        block_size: int = 128,
+        bank_noise: float = 0.1,
+    ):
+        for what, value in (
+            ("lstm_size", lstm_size),
+            ("bank_size", bank_size),
+            ("mix_size", mix_size),
+            ("block_size", block_size),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        self.lstm_size = int(lstm_size)
+        self.bank_size = int(bank_size)
+        self.mix_size = int(mix_size)
+        self.block_size = int(block_size)
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            raise ValueError(
+                "hidden_sizes must be one or more positive integers, got "
+                f"{hidden_sizes!r}"
+            )
+        self.momentum_decays = tuple(float(b) for b in momentum_decays)
+        self.factored_decays = tuple(float(b) for b in factored_decays)
+        for what, decays in (
+            ("momentum_decays", self.momentum_decays),
+            ("factored_decays", self.factored_decays),
+        ):
+            if not decays or not all(0.0 <= b < 1.0 for b in decays):
+                raise ValueError(f"{what} must be one or more values in [0, 1)")
+        if not 0.0 <= second_moment_decay < 1.0:
+            raise ValueError(
+                f"second_moment_decay must lie in [0, 1), got {second_moment_decay!r}"
+            )
+        if param_scale_floor <= 0:
+            raise ValueError(
+                f"param_scale_floor must be > 0, got {param_scale_floor!r}"
+            )
+        self.second_moment_decay = float(second_moment_decay)
+        self.exp_mult = float(exp_mult)
+        self.step_mult = float(step_mult)
+        self.param_scale_floor = float(param_scale_floor)
+        self.bank_noise = float(bank_noise)
+
+    def config(self):
+        return {
+            "lstm_size": self.lstm_size,
+            "bank_size": self.bank_size,
+            "mix_size": self.mix_size,
+            "hidden_sizes": list(self.hidden_sizes),
+            "momentum_decays": list(self.momentum_decays),
+            "second_moment_decay": self.second_moment_decay,
+            "factored_decays": list(self.factored_decays),
+            "exp_mult": self.exp_mult,
+            "step_mult": self.step_mult,
+            "param_scale_floor": self.param_scale_floor,
+            "block_size": self.block_size,
+            "bank_noise": self.bank_noise,
+        }
+
+    # -- sizes ---------------------------------------------------------------------
+
+    @property
+    def num_param_features(self) -> int:
+        """Per-parameter MLP inputs: 6 + 2 per momentum + 6 per factored decay."""
+        return 6 + 2 * len(self.momentum_decays) + 6 * len(self.factored_decays)
+
+    @property
+    def num_tensor_features(self) -> int:
+        """Per-tensor LSTM inputs: progress, loss and tensor statistics."""
+        shared = len(F.PROGRESS_CENTERS) + F.LOSS_EMA_COUNT - 1
+        stats = 6 + 2 * len(self.momentum_decays)  # g, momenta, sqrt(v), rms(p), size
+        return shared + stats + F.MAX_RANK_FEATURE + 1
+
+    @property
+    def _mlp_sizes(self) -> tuple[int, ...]:
+        return (self.num_param_features, *self.hidden_sizes, 2)
+
+    @property
+    def _mlp_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        sizes = self._mlp_sizes
+        shapes = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            shapes += [(f"w{i}", (a, b)), (f"b{i}", (b,))]
+        return shapes
+
+    @property
+    def num_mlp_weights(self) -> int:
+        """Weights of one per-parameter MLP (one bank member)."""
+        return sum(int(np.prod(s)) for _, s in self._mlp_shapes)
+
+    # -- meta-parameters -------------------------------------------------------------
+
+    def init(self, key):
+        # one compiled program instead of dozens of eagerly dispatched small ops
+        return jax.jit(self._init)(key)
+
+    def _init(self, key):
+        counter = _NormalStream(None)
+        self._build_theta(counter)  # counts the normal draws
+        return self._build_theta(_NormalStream(key, counter.count))
+
+    def _build_theta(self, normals):
+        h, m, i = self.lstm_size, self.mix_size, self.num_tensor_features
+        theta = {
+            "mix": _dense(normals, i, m),
+            "mix_max": _dense(normals, i, m),
+            "lstm": _dense(normals, m + h, 4 * h),
+            "lstm_init": {"h": jnp.zeros((h,)), "c": jnp.zeros((h,))},
+            # small: the initial coefficients are ~1 (the bank's mean) and lr_mult ~1
+            "head": _dense(normals, h, self.bank_size + 1, scale=0.1),
+        }
+        bank = {}
+        for name, value in self._base_mlp(normals).items():
+            spread = self.bank_noise * (jnp.std(value) + 0.1 / np.sqrt(value.size))
+            noise = normals((self.bank_size, *value.shape))
+            bank[name] = value[None] + spread * noise
+        theta["bank"] = bank
+        return theta
+
+    def _base_mlp(self, normals):
+        """An MLP whose direction output is `-(m_0 / sqrt(v))`, plus small noise."""
+        sizes = self._mlp_sizes
+        mlp = {}
+        for idx, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layer = _dense(normals, a, b, scale=0.1)
+            mlp[f"w{idx}"], mlp[f"b{idx}"] = layer["w"], layer["b"]
+        if min(self.hidden_sizes) >= 2:
+            # +x and -x through the ReLU layers, recombined at the output
+            feature = 3 + len(self.momentum_decays) + 1  # m_0 / sqrt(v)
+            w0 = mlp["w0"].at[:, :2].set(0.0)
+            mlp["w0"] = w0.at[feature, 0].set(1.0).at[feature, 1].set(-1.0)
+            for idx in range(1, len(self.hidden_sizes)):
+                w = mlp[f"w{idx}"].at[:2, :2].set(jnp.eye(2))
+                mlp[f"w{idx}"] = w.at[2:, :2].set(0.0)
+            last = f"w{len(self.hidden_sizes)}"
+            mlp[last] = mlp[last].at[:2, 0].set(jnp.array([-1.0, 1.0]))
+        return mlp
+
+    # -- the per-tensor network ------------------------------------------------------
+
+    def tensor_inputs(self, sums, layout, loss_state, count, num_steps):
+        """Per-tensor LSTM inputs `(num_tensors, num_tensor_features)`.
+
+        `sums` are per-tensor means from `_tensor_sums`.
+        """
+        nm = len(self.momentum_decays)
+        scale_p = jnp.maximum(jnp.sqrt(sums["p2"]), self.param_scale_floor)
+        var = lambda mean, mean_sq: jnp.maximum(mean_sq - mean**2, 0.0)
+        cols = [
+            F.symlog_feature(sums["g"] / scale_p),
+            F.log_feature(jnp.sqrt(var(sums["g"], sums["g2"])) / scale_p),
+        ]
+        for d in range(nm):
+            cols.append(F.symlog_feature(sums["m"][d] / scale_p))
+            cols.append(
+                F.log_feature(jnp.sqrt(var(sums["m"][d], sums["m2"][d])) / scale_p)
+            )
+        cols += [
+            F.log_feature(jnp.sqrt(sums["v"]) / scale_p),
+            # the current gradient scale relative to its running average
+            F.log_feature(0.1 * jnp.sqrt(sums["g2"] / (sums["v"] + 1e-30))),
+            F.log_feature(jnp.sqrt(sums["p2"])),
+            jnp.asarray(np.log(np.maximum(layout.sizes, 1)) / 10.0, jnp.float32),
+        ]
+        per_tensor = jnp.concatenate(
+            [jnp.stack(cols, axis=1), jnp.asarray(F.rank_one_hot(layout.ranks))],
+            axis=1,
+        )
+        shared = jnp.concatenate(
+            [
+                F.progress_features(count, num_steps),
+                F.loss_features(loss_state),
+            ]
+        )
+        shared = jnp.broadcast_to(shared, (layout.num_tensors, shared.shape[0]))
+        return jnp.concatenate([shared, per_tensor], axis=1)
+
+    def tensor_network(self, theta, inputs, lstm_h, lstm_c):
+        """Mix layer and LSTM step: returns (mlp_weights, lr_mult, lstm_h, lstm_c).
+
+        mlp_weights: (num_tensors, num_mlp_weights) generated per-parameter MLPs.
+        """
+        mix = inputs @ theta["mix"]["w"] + theta["mix"]["b"]
+        exchange = jax.nn.relu(inputs @ theta["mix_max"]["w"] + theta["mix_max"]["b"])
+        x = mix + jnp.max(exchange, axis=0, keepdims=True)
+        gates = (
+            jnp.concatenate([x, lstm_h], axis=1) @ theta["lstm"]["w"]
+            + theta["lstm"]["b"]
+        )
+        i, f, g, o = jnp.split(gates, 4, axis=1)
+        lstm_c = jax.nn.sigmoid(f + 1.0) * lstm_c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        lstm_h = jax.nn.sigmoid(o) * jnp.tanh(lstm_c)
+        out = lstm_h @ theta["head"]["w"] + theta["head"]["b"]
+        coeffs = 1.0 + out[:, : self.bank_size]
+        lr_mult = 1.0 + out[:, self.bank_size]
+        bank = jnp.concatenate(
+            [
+                theta["bank"][name].reshape(self.bank_size, -1)
+                for name, _ in self._mlp_shapes
+            ],
+            axis=1,
+        )
+        weights = coeffs @ bank / self.bank_size
+        return weights, lr_mult, lstm_h, lstm_c
+
+    # -- the per-parameter network ---------------------------------------------------
+
+    def _unpack_weights(self, weights):
+        """(..., num_mlp_weights) -> dict of (..., *shape) arrays."""
+        out, start = {}, 0
+        for name, shape in self._mlp_shapes:
+            n = int(np.prod(shape))
+            out[name] = weights[..., start : start + n].reshape(
+                (*weights.shape[:-1], *shape)
+            )
+            start += n
+        return out
+
+    def per_param_mlp(self, features, weights):
+        """Applies per-block MLP weights `(num_blocks, num_mlp_weights)`.
+
+        features: list of `(num_blocks, block)` arrays. Written as broadcasts and
+        sums, not a batched dot, so that XLA fuses the whole MLP with the feature
+        computation into one pass over the parameters.
+        """
+        w = self._unpack_weights(weights)
+        hidden = features
+        num_layers = len(self.hidden_sizes) + 1
+        for layer in range(num_layers):
+            wl, bl = w[f"w{layer}"], w[f"b{layer}"]
+            outputs = []
+            for j in range(wl.shape[-1]):
+                acc = bl[:, j, None]
+                for k, h in enumerate(hidden):
+                    acc = acc + wl[:, k, j, None] * h
+                outputs.append(acc)
+            hidden = (
+                outputs
+                if layer == num_layers - 1
+                else [jax.nn.relu(o) for o in outputs]
+            )
+        return hidden[0], hidden[1]
+
+    def param_features(self, g, p, stats, fac_rows, fac_cols, scales):
+        """The per-parameter MLP inputs, each `(num_blocks, block)`.
+
+        Per-tensor scales in `scales` are `(num_blocks, 1)` arrays.
+        """
+        m, v = stats.momenta, stats.second_moment
+        nm = len(self.momentum_decays)
+        rinv_v = jax.lax.rsqrt(v + scales["eps_v"])
+        g_n = g * scales["inv_rms_g"]
+        feats = [g_n, jnp.clip(g_n, -1.0, 1.0), p * scales["inv_scale_p"]]
+        feats += [m[d] * scales["inv_rms_m"][d] for d in range(nm)]
+        feats.append(jnp.sqrt(v) * scales["inv_rms_sv"])
+        feats += [m[d] * rinv_v for d in range(nm)]
+        feats += [rinv_v * scales["rms_sv"], g * rinv_v]
+        for d in range(len(self.factored_decays)):
+            r, c = fac_rows[d], fac_cols[d]
+            r_root, c_root = jax.lax.rsqrt(r + 1e-3), jax.lax.rsqrt(c + 1e-3)
+            ada = r_root * c_root * scales["inv_rms_c"][d]
+            feats += [r, c, r_root, c_root, g * ada, m[min(d, nm - 1)] * ada]
+        return feats
+
+    # -- the transform ---------------------------------------------------------------
+
+    def _tensor_sums(self, layout, g, p, stats, tensor_means):
+        """Per-tensor means of g, g^2, p^2, the momenta and their squares, and v.
+
+        Means of the momenta and of v are EMAs of the mean g and g^2 (EMAs are
+        linear), carried in `tensor_means`; the rest are one block reduction each.
+
+        Returns:
+            (sums, updated tensor_means)
+        """
+        m = stats.momenta
+        nm = len(self.momentum_decays)
+        sizes = np.maximum(np.asarray(layout.sizes, np.float32), 1.0)
+        # padding entries of g, p and m are 0, so no mask is needed
+        mean = lambda x: layout.tensor_sum(x, masked=False) / sizes
+        g_mean, g2_mean = mean(g), mean(g * g)
+        decays = jnp.asarray(
+            (*self.momentum_decays, self.second_moment_decay), jnp.float32
+        )[:, None]
+        target = jnp.concatenate(
+            [jnp.broadcast_to(g_mean, (nm, g_mean.shape[0])), g2_mean[None]]
+        )
+        tensor_means = decays * tensor_means + (1.0 - decays) * target
+        sums = {
+            "g": g_mean,
+            "g2": g2_mean,
+            "p2": mean(p * p),
+            "m": tensor_means[:nm],
+            "m2": jnp.stack([mean(m[d] * m[d]) for d in range(nm)]),
+            "v": tensor_means[nm],
+        }
+        return sums, tensor_means
+
+    def transform(self, theta, num_steps):
+        check_num_steps(num_steps)
+        nm, nf = len(self.momentum_decays), len(self.factored_decays)
+
+        def init_fn(params):
+            layout = F.BlockLayout.of(params, self.block_size)
+            index = _factored_index(layout)
+            t = layout.num_tensors
+            return HierarchicalState(
+                count=jnp.zeros((), jnp.int32),
+                stats=F.init_gradient_stats(layout.padded_size, nm),
+                factored=F.init_factored_stats(index, nf),
+                loss=F.init_loss_emas(),
+                tensor_means=jnp.zeros((nm + 1, t), jnp.float32),
+                lstm_h=jnp.broadcast_to(theta["lstm_init"]["h"], (t, self.lstm_size)),
+                lstm_c=jnp.broadcast_to(theta["lstm_init"]["c"], (t, self.lstm_size)),
+            )
+
+        def update_fn(updates, state, params=None, *, value=None, **extra):
+            del extra
+            if params is None:
+                raise ValueError(
+                    "HierarchicalLOpt reads the parameters: call "
+                    "update(grads, state, params)"
+                )
+            layout = F.BlockLayout.of(updates, self.block_size)
+            count = optax.safe_increment(state.count)
+            loss_state = F.update_loss_emas(state.loss, value, num_steps)
+            if layout.total_size == 0:
+                return updates, state._replace(count=count, loss=loss_state)
+            index = _factored_index(layout)
+            shape = (layout.num_blocks, layout.block)
+            flag = state.count >= 0  # always True; see F.compute_once
+            g = F.clip_gradient(layout.flatten(updates))
+            p = layout.flatten(params)
+            flat = F.update_gradient_stats(
+                state.stats,
+                g.reshape(-1),
+                momentum_decays=self.momentum_decays,
+                second_moment_decay=self.second_moment_decay,
+            )
+            stats = F.GradientStats(
+                flat.momenta.reshape((nm, *shape)), flat.second_moment.reshape(shape)
+            )
+            factored = F.update_factored_stats(
+                state.factored, g * g, index, self.factored_decays
+            )
+            sums, tensor_means = self._tensor_sums(
+                layout, g, p, stats, state.tensor_means
+            )
+
+            # per-tensor network
+            inputs = self.tensor_inputs(
+                sums, layout, loss_state, state.count, num_steps
+            )
+            weights, lr_mult, lstm_h, lstm_c = self.tensor_network(
+                theta, inputs, state.lstm_h, state.lstm_c
+            )
+
+            # factored factors: rows relative to their matrix, columns to their tensor
+            row_factor = F.factored_row_factors(factored, index)
+            col_sum = jax.ops.segment_sum(
+                factored.cols.T, index.col_tensor, num_segments=layout.num_tensors
+            ).T
+            cols_per_tensor = np.maximum(
+                np.bincount(index.col_tensor, minlength=layout.num_tensors), 1
+            )
+            col_mean = col_sum / cols_per_tensor.astype(np.float32)
+            col_factor = factored.cols / (
+                jnp.take(col_mean, index.col_tensor, axis=1) + 1e-30
+            )
+            # gathered once: inside the per-parameter pass gathers stop vectorisation
+            # (one 1-D gather per decay: a batched gather costs a transpose on CPU)
+            fac_rows, fac_cols = F.compute_once(
+                lambda r, c, ri, ci: (
+                    [jnp.take(x, ri) for x in r],
+                    [jnp.take(x, ci) for x in c],
+                ),
+                flag,
+                row_factor,
+                col_factor,
+                *index.ids(),
+            )
+
+            scale_p = jnp.maximum(jnp.sqrt(sums["p2"]), self.param_scale_floor)
+            per_tensor = {
+                "inv_rms_g": jax.lax.rsqrt(sums["g2"] + 1e-30),
+                "inv_scale_p": 1.0 / scale_p,
+                "inv_rms_m": jax.lax.rsqrt(sums["m2"] + 1e-30),
+                "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
+                "rms_sv": jnp.sqrt(sums["v"]),
+                "eps_v": 1e-8 * sums["v"] + 1e-30,
+                "inv_rms_c": jax.lax.rsqrt(col_mean + 1e-30),
+                "step": lr_mult * self.step_mult * scale_p,
+            }
+            scales = {k: layout.broadcast(x) for k, x in per_tensor.items()}
+            block_weights = jnp.take(
+                weights, jnp.asarray(layout.block_tensor_ids), axis=0
+            )
+
+            def param_step(g, p, stats, fac_rows, fac_cols, scales, block_weights):
+                feats = self.param_features(g, p, stats, fac_rows, fac_cols, scales)
+                direction, magnitude = self.per_param_mlp(feats, block_weights)
+                step = direction * jnp.exp(self.exp_mult * magnitude)
+                return step * scales["step"]
+
+            # one pass over the parameters, not one compiled copy per tensor slice
+            step = F.compute_once(
+                param_step, flag, g, p, stats, fac_rows, fac_cols, scales, block_weights
+            )
+            dtypes = [x.dtype for x in jax.tree_util.tree_leaves(updates)]
+            new_state = HierarchicalState(
+                count=count,
+                stats=flat,
+                factored=factored,
+                loss=loss_state,
+                tensor_means=tensor_means,
+                lstm_h=lstm_h,
+                lstm_c=lstm_c,
+            )
+            return layout.unflatten(step, dtypes), new_state
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def generated_weights(self, theta, params, grads, num_steps=100, value=None):
+        """The per-tensor MLP weights and lr multipliers after one update (inspection).
+
+        Returns:
+            (weights, lr_mult): `(num_tensors, num_mlp_weights)` and `(num_tensors,)`.
+        """
+        return jax.jit(self._generated_weights)(theta, params, grads, num_steps, value)
+
+    def _generated_weights(self, theta, params, grads, num_steps, value):
+        opt = self.transform(theta, num_steps)
+        state = opt.init(params)
+        layout = F.BlockLayout.of(grads, self.block_size)
+        g = F.clip_gradient(layout.flatten(grads))
+        p = layout.flatten(params)
+        flat = F.update_gradient_stats(
+            state.stats,
+            g.reshape(-1),
+            momentum_decays=self.momentum_decays,
+            second_moment_decay=self.second_moment_decay,
+        )
+        shape = (layout.num_blocks, layout.block)
+        stats = F.GradientStats(
+            flat.momenta.reshape((len(self.momentum_decays), *shape)),
+            flat.second_moment.reshape(shape),
+        )
+        sums, _ = self._tensor_sums(layout, g, p, stats, state.tensor_means)
+        loss_state = F.update_loss_emas(state.loss, value, num_steps)
+        inputs = self.tensor_inputs(sums, layout, loss_state, state.count, num_steps)
+        weights, lr_mult, _, _ = self.tensor_network(
+            theta, inputs, state.lstm_h, state.lstm_c
+        )
+        return weights, lr_mult

@@ -1,0 +1,475 @@
+"""The learned-optimizer zoo (hierarchical, LSTM, deep momentum), the features they
+add, the hand-designed baselines and the lopt configs."""
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import yaml
+
+from es_l2o import baselines
+from es_l2o.es import FullES
+from es_l2o.lopt import (
+    LOPTS,
+    DeepMomentumLOpt,
+    HierarchicalLOpt,
+    LSTMLOpt,
+)
+from es_l2o.lopt import features as F
+from es_l2o.unroll import LOptTraining
+from populations.quadratic import QuadraticFamily
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lopt"
+SMALL_HIERARCHICAL = dict(lstm_size=8, bank_size=4, mix_size=8)
+
+
+# --- features ------------------------------------------------------------------------
+
+
+def test_lstm_preprocessing_equals_the_formula_on_hand_inputs():
+    g = jnp.array([2.0, -0.5, 1e-6, 0.0, -3e-5, 1e-4])
+    out = np.asarray(F.lstm_preprocess(g, p=10.0))
+    threshold = math.exp(-10)  # 4.54e-5
+    expected = []
+    for x in [2.0, -0.5, 1e-6, 0.0, -3e-5, 1e-4]:
+        if abs(x) >= threshold:
+            expected.append([math.log(abs(x)) / 10, math.copysign(1.0, x)])
+        else:
+            expected.append([-1.0, math.exp(10) * x])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7)
+    # the hand values themselves, for the record
+    np.testing.assert_allclose(out[0], [0.0693147, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(out[2], [-1.0, 0.0220265], rtol=1e-5)
+    np.testing.assert_allclose(out[4], [-1.0, -0.6607939], rtol=1e-5)
+    # another p moves the threshold: |g| = 1e-2 >= exp(-5)
+    np.testing.assert_allclose(
+        F.lstm_preprocess(jnp.array([1e-2]), p=5.0), [[math.log(1e-2) / 5, 1.0]]
+    )
+
+
+def test_rank_one_hot_and_bounded_log_features():
+    np.testing.assert_array_equal(
+        F.rank_one_hot([0, 1, 2, 4, 7]),
+        np.eye(5)[[0, 1, 2, 4, 4]],
+    )
+    np.testing.assert_allclose(
+        F.log_feature(jnp.array([0.1, 1.0, 1e9, 0.0])),
+        [0.0, 0.5 * math.log(10), 2.5, -2.5],
+        rtol=1e-6,
+    )
+
+
+def test_tensor_mean_var_on_hand_values():
+    layout = F.TensorLayout.of({"a": jnp.zeros(3), "b": jnp.zeros((1, 2))})
+    mean, var = F.tensor_mean_var(jnp.array([1.0, 2.0, 6.0, -1.0, 1.0]), layout)
+    np.testing.assert_allclose(mean, [3.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(var, [14 / 3, 1.0], rtol=1e-6)
+
+
+def test_loss_emas_follow_their_half_lives():
+    np.testing.assert_allclose(
+        F.loss_half_lives(1000, count=4),
+        [10.0, 46.41589, 215.4435, 1000.0],
+        rtol=1e-4,
+    )
+    state = F.init_loss_emas(count=3)
+    np.testing.assert_array_equal(F.loss_features(state), [0.0, 0.0])  # no loss yet
+    assert F.update_loss_emas(state, None, 100) is state
+    state = F.update_loss_emas(state, 4.0, 100)  # the first loss sets every average
+    np.testing.assert_allclose(state.emas, [4.0, 4.0, 4.0])
+    state = F.update_loss_emas(state, 2.0, 100)
+    half_lives = [10.0, math.sqrt(10 * 100), 100.0]
+    expected = [0.5 ** (1 / h) * 4 + (1 - 0.5 ** (1 / h)) * 2 for h in half_lives]
+    np.testing.assert_allclose(state.emas, expected, rtol=1e-5)
+    e = expected
+    np.testing.assert_allclose(
+        F.loss_features(state),
+        [(e[0] - e[1]) / e[1], (e[1] - e[2]) / e[2]],
+        rtol=1e-4,
+    )
+    assert float(F.loss_features(state)[0]) < 0  # the loss is falling
+    # a non-finite loss is ignored
+    same = F.update_loss_emas(state, jnp.nan, 100)
+    np.testing.assert_array_equal(same.emas, state.emas)
+
+
+def test_factored_accumulators_on_hand_values():
+    tree = {"m": jnp.zeros((2, 3)), "v": jnp.zeros(2)}  # leaves: m, then v
+    layout = F.TensorLayout.of(tree)
+    index = F.FactoredIndex.of(layout)
+    assert (index.num_rows, index.num_cols, index.num_matrices) == (4, 4, 2)
+    g2 = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 9.0])
+    stats = F.update_factored_stats(
+        F.init_factored_stats(index, 2), g2, index, decays=(0.0, 0.5)
+    )
+    # rows: means over the last axis of m, then the entries of v (an (n, 1) matrix)
+    np.testing.assert_allclose(stats.rows[0], [2.0, 5.0, 7.0, 9.0])
+    # columns: means over the first axis of m, then the mean of v
+    np.testing.assert_allclose(stats.cols[0], [2.5, 3.5, 4.5, 8.0])
+    np.testing.assert_allclose(stats.rows[1], 0.5 * stats.rows[0])
+    v_hat = F.factored_second_moment(stats, index)[0]
+    # m: row * col / mean(row); v (rank 1): exactly its own second moment
+    np.testing.assert_allclose(
+        v_hat,
+        [2 * 2.5 / 3.5, 2 * 3.5 / 3.5, 2 * 4.5 / 3.5, 5 * 2.5 / 3.5, 5, 5 * 4.5 / 3.5]
+        + [7.0, 9.0],
+        rtol=1e-5,
+    )
+
+
+def test_factored_estimate_is_exact_for_rank_one_and_conv_tensors():
+    u, w = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.5, 4.0])
+    conv = jnp.stack([jnp.outer(u, w), 2 * jnp.outer(u, w)])[None]  # (1, 2, 3, 2)
+    layout = F.TensorLayout.of({"c": conv})
+    index = F.FactoredIndex.of(layout)
+    assert index.num_matrices == 2
+    stats = F.update_factored_stats(
+        F.init_factored_stats(index, 1), conv.reshape(-1), index, (0.0,)
+    )
+    np.testing.assert_allclose(
+        F.factored_second_moment(stats, index)[0], conv.reshape(-1), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("block", [4, 128])
+def test_block_factored_ids_match_the_dense_ones(block):
+    """Rows / columns computed on device per block equal the dense numpy map."""
+    shapes = [(), (5,), (130,), (3, 4), (129, 3), (2, 200), (3, 3, 5, 7), (1, 300)]
+    shapes += [(300, 1), (4, 1, 128, 2), (257, 129)]
+    tree = {f"t{i:02d}": jnp.zeros(s) for i, s in enumerate(shapes)}
+    blocked = F.FactoredIndex.of(F.BlockLayout.of(tree, block))
+    dense = F.FactoredIndex.of(F.TensorLayout.of(tree))
+    rows, cols = (np.asarray(x).reshape(-1) for x in blocked.ids())
+    real = np.asarray(F.BlockLayout.of(tree, block).mask()).reshape(-1) > 0
+    np.testing.assert_array_equal(rows[real], dense.entry_rows)
+    np.testing.assert_array_equal(cols[real], dense.entry_cols)
+    assert (rows[~real] == blocked.num_rows).all()  # padding: the spare row
+    assert (cols[~real] == blocked.num_cols).all()
+
+
+def test_block_layout_pads_masks_and_round_trips():
+    tree = {"a": jnp.arange(5.0), "s": jnp.array(2.0), "w": jnp.ones((2, 3))}
+    layout = F.BlockLayout.of(tree, block=4)
+    assert layout.blocks_per_tensor.tolist() == [2, 1, 2]
+    assert layout.offsets.tolist() == [0, 8, 12]
+    flat = layout.flatten(tree)
+    assert flat.shape == (5, 4)
+    np.testing.assert_array_equal(flat[1], [4.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(layout.mask().sum(axis=1), [4, 1, 1, 4, 2])
+    np.testing.assert_allclose(layout.tensor_mean(flat + 1.0), [3.0, 3.0, 2.0])
+    back = layout.unflatten(flat)
+    for key, value in tree.items():
+        np.testing.assert_array_equal(back[key], value)
+    np.testing.assert_array_equal(
+        layout.broadcast(jnp.array([1.0, 2.0, 3.0]))[:, 0], [1, 1, 2, 3, 3]
+    )
+
+
+def test_compute_once_is_transparent_to_vmap_and_grad():
+    fn = lambda x: (jnp.sin(x), x**2)
+    x = jnp.linspace(0.0, 1.0, 6).reshape(2, 3)
+    flag = jnp.array(True)
+    out = jax.vmap(lambda v: F.compute_once(fn, v[0] > -1.0, v))(x)
+    np.testing.assert_allclose(out[0], jnp.sin(x), rtol=1e-6)
+    grad = jax.grad(lambda v: F.compute_once(fn, flag, v)[1].sum())(x)
+    np.testing.assert_allclose(grad, 2 * x, rtol=1e-6)
+
+
+# --- hierarchical -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hierarchical():
+    lopt = HierarchicalLOpt(**SMALL_HIERARCHICAL)
+    return lopt, lopt.init(jax.random.key(0))
+
+
+def _descend(opt, params, grad_fn, steps):
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for i in range(steps):
+        updates, state = update(grad_fn(params, i), state, params, value=1.0 / (1 + i))
+        params = optax.apply_updates(params, updates)
+    return params, state, updates
+
+
+def test_hierarchical_handles_every_rank(hierarchical):
+    lopt, theta = hierarchical
+    params = {
+        "scalar": jnp.array(0.3),
+        "vector": jnp.linspace(-1.0, 1.0, 5),
+        "matrix": jnp.ones((3, 4)),
+        "conv": jnp.full((3, 3, 2, 4), 0.1),
+        "zeros": jnp.zeros((7,)),  # moves thanks to the floor on rms(p)
+    }
+    opt = lopt.transform(theta, num_steps=10)
+    _, state, updates = _descend(opt, params, lambda p, i: p, steps=2)
+    for name, u in updates.items():
+        assert u.shape == params[name].shape
+        assert bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).max()) > 0, name
+    assert state.lstm_h.shape == (5, lopt.lstm_size)
+    # f = sum p^2 / 2: the initial optimizer descends (updates oppose gradients)
+    for name in ("vector", "matrix", "conv"):
+        assert float(jnp.vdot(updates[name], params[name])) < 0, name
+
+
+def test_hierarchical_on_a_pytree_of_100_tensors(hierarchical):
+    lopt, theta = hierarchical
+    shapes = [(), (3,), (2, 3), (2, 1, 3, 2)]
+    params = {
+        f"t{i:03d}": jnp.full(shapes[i % 4], 0.1 * (1 + i % 7)) for i in range(100)
+    }
+    opt = lopt.transform(theta, num_steps=10)
+    _, state, updates = _descend(opt, params, lambda p, i: p, steps=2)
+    assert state.lstm_h.shape == (100, lopt.lstm_size)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    flat = jnp.concatenate([u.reshape(-1) for u in jax.tree.leaves(updates)])
+    assert bool(jnp.all(jnp.isfinite(flat))) and bool(jnp.all(flat < 0))
+
+
+def test_hierarchical_graph_does_not_grow_per_tensor(hierarchical):
+    """Only the pytree's concatenate / split grows with the number of tensors."""
+    lopt, theta = hierarchical
+    opt = lopt.transform(theta, num_steps=10)
+
+    def num_eqns(count):
+        params = {f"t{i:03d}": jnp.ones((4, 5)) for i in range(count)}
+        state = opt.init(params)
+        jaxpr = jax.make_jaxpr(lambda g, s, p: opt.update(g, s, p, value=1.0))(
+            params, state, params
+        )
+        return len(jaxpr.jaxpr.eqns)
+
+    small, large = num_eqns(10), num_eqns(100)
+    per_tensor = (large - small) / 90
+    assert per_tensor <= 8, (small, large)  # flatten g, p; slice, reshape, cast
+    assert small > 300  # (the per-parameter network alone is hundreds of ops)
+
+
+def test_generated_weights_follow_tensor_statistics(hierarchical):
+    lopt, theta = hierarchical
+    params = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 4))}
+    g = jax.random.normal(jax.random.key(1), (4, 4))
+    same, lr_same = lopt.generated_weights(theta, params, {"a": g, "b": g})
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-6)
+    np.testing.assert_allclose(lr_same[0], lr_same[1], rtol=1e-6)
+    # a larger gradient spread in "b" changes b's statistics and its weights
+    other, lr_other = lopt.generated_weights(theta, params, {"a": g, "b": 30.0 * g})
+    assert float(jnp.abs(other[1] - other[0]).max()) > 1e-4
+    assert float(jnp.abs(other[1] - same[1]).max()) > 1e-4
+    assert float(jnp.abs(lr_other[1] - lr_same[1])) > 1e-6
+    assert other.shape == (2, lopt.num_mlp_weights)
+
+
+def test_hierarchical_size_presets_and_velo_meta_parameter_count():
+    velo = yaml.safe_load((CONFIGS / "hierarchical_velo.yaml").read_text())
+    velo.pop("_target_")
+    shapes = jax.eval_shape(HierarchicalLOpt(**velo).init, jax.random.key(0))
+    count = sum(x.size for x in jax.tree.leaves(shapes))
+    assert 2_250_000 < count < 2_350_000, count  # VeLO: 2,320,385
+    small = HierarchicalLOpt().init(jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(small)) < 20_000
+    assert HierarchicalLOpt().num_param_features == 30
+
+
+# --- LSTM -------------------------------------------------------------------------
+
+
+def test_lstm_keeps_one_state_per_coordinate_and_layer():
+    lopt = LSTMLOpt()
+    opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(4)}
+    state = opt.init(params)
+    assert [h.shape for h in state.hidden] == [(10, 20), (10, 20)]
+    grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.full((4,), -1e-7)}
+    updates, state = jax.jit(opt.update)(grads, state, params)
+    # the warm start descends along the sign of the gradient
+    assert bool(jnp.all(updates["w"] < 0))
+    assert float(jnp.abs(state.cell[1]).max()) > 0
+    # equal preprocessed inputs give equal updates (shared weights, coordinatewise)
+    np.testing.assert_allclose(updates["w"], updates["w"][0, 0], rtol=1e-6)
+
+
+# --- deep momentum ----------------------------------------------------------------
+
+
+def _random_grads(key, params, steps):
+    keys = jax.random.split(key, steps)
+    return [
+        jax.tree.map(lambda p, k=k: jax.random.normal(k, p.shape), params) for k in keys
+    ]
+
+
+def test_linear_dot_product_deep_momentum_equals_momentum_sgd():
+    lopt = DeepMomentumLOpt(
+        hidden_sizes=(),
+        objective="dot",
+        key_features="none",
+        init_learning_rate=0.05,
+        init_decay=0.8,
+        init_inner_lr=1.0,
+    )
+    opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
+    reference = optax.sgd(0.05, momentum=0.8)
+    params = {"w": jnp.ones((3, 2)), "s": jnp.array(0.5)}
+    state, ref_state = opt.init(params), reference.init(params)
+    p_opt = p_ref = params
+    update = jax.jit(opt.update)
+    for grads in _random_grads(jax.random.key(3), params, 6):
+        u, state = update(grads, state, p_opt)
+        r, ref_state = reference.update(grads, ref_state, p_ref)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(r), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+        p_opt, p_ref = optax.apply_updates(p_opt, u), optax.apply_updates(p_ref, r)
+    for a, b in zip(jax.tree.leaves(p_opt), jax.tree.leaves(p_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5)
+
+
+def test_linear_delta_rule_memory_is_an_ema_of_gradients():
+    lopt = DeepMomentumLOpt(
+        hidden_sizes=(),
+        objective="delta",
+        key_features="none",
+        init_learning_rate=1.0,
+        init_decay=0.9,
+        init_inner_lr=0.3,
+    )
+    opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
+    params = {"w": jnp.zeros(3)}
+    state = opt.init(params)
+    b = np.zeros(3)
+    update = jax.jit(opt.update)
+    for grads in _random_grads(jax.random.key(4), params, 4):
+        u, state = update(grads, state, params)
+        # b <- alpha b - eta (b - g)
+        b = 0.9 * b - 0.3 * (b - np.asarray(grads["w"]))
+        np.testing.assert_allclose(u["w"], -b, rtol=1e-5, atol=1e-7)
+
+
+def test_deep_memory_learns_from_its_keys():
+    lopt = DeepMomentumLOpt(hidden_sizes=(4,), objective="delta")
+    theta = lopt.init(jax.random.key(0))
+    opt = lopt.transform(theta, num_steps=10)
+    params = {"w": jnp.zeros(2)}
+    state = opt.init(params)
+    u, state = jax.jit(opt.update)({"w": jnp.array([1.0, -1.0])}, state, params)
+    assert state.memory["w0"].shape == (2, 2, 4)  # (coordinates, key features, units)
+    # the memory maps different keys to different values, opposing the gradient
+    assert float(u["w"][0]) < 0 < float(u["w"][1])
+    with pytest.raises(ValueError, match="objective must be one of"):
+        DeepMomentumLOpt(objective="cosine")
+
+
+# --- meta-training with OpenAI-ES ---------------------------------------------------
+
+ES_CASES = {
+    "hierarchical": HierarchicalLOpt(
+        **SMALL_HIERARCHICAL, momentum_decays=(0.9,), factored_decays=(0.99,)
+    ),
+    "lstm": LSTMLOpt(hidden_sizes=(8, 8)),
+    "deep_momentum": DeepMomentumLOpt(hidden_sizes=(2,), init_learning_rate=0.003),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ES_CASES))
+def test_meta_loss_falls_with_open_es(name):
+    lopt = ES_CASES[name]
+    system = LOptTraining(QuadraticFamily(dim=4), lopt, horizon=16)
+    es = FullES(
+        system,
+        population_size=8,
+        std=0.01,
+        optimizer=optax.adam(0.05),
+        meta_loss="train_mean",
+    )
+    theta0 = lopt.init(jax.random.key(0))
+    state = es.init(jax.random.key(1), theta0)
+    for i in range(10):
+        state, metrics = es.step(jax.random.key(100 + i), state)
+    assert bool(metrics["theta_finite"])
+    evaluate = jax.jit(jax.vmap(es.unroll, in_axes=(None, 0)))
+    keys = jax.random.split(jax.random.key(7), 32)  # the same tasks for both
+    before = float(jnp.mean(evaluate(theta0, keys)[0]))
+    after = float(jnp.mean(evaluate(es.theta(state), keys)[0]))
+    assert after < 0.95 * before, (before, after)
+
+
+# --- registry, configs and baselines ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hierarchical", "lstm", "deep_momentum"])
+def test_registered_and_config_round_trip(name):
+    cls = LOPTS[name]
+    lopt = cls()
+    rebuilt = cls(**lopt.config())
+    assert rebuilt.config() == lopt.config()
+    shapes = lambda t: [x.shape for x in jax.tree.leaves(t)]
+    key = jax.random.key(0)
+    assert shapes(jax.eval_shape(rebuilt.init, key)) == shapes(lopt.init(key))
+
+
+@pytest.mark.parametrize(
+    "config", ["hierarchical", "hierarchical_velo", "lstm", "deep_momentum"]
+)
+def test_lopt_configs_build_their_class(config):
+    cfg = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
+    target = cfg.pop("_target_")
+    cls = {c.__name__: c for c in LOPTS.values()}[target.rsplit(".", 1)[1]]
+    assert target == f"es_l2o.lopt.{cls.__name__}"
+    lopt = cls(**cfg)
+    assert lopt.config() == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in lopt.config().items()
+    }
+    assert {k: lopt.config()[k] for k in cfg} == cfg
+
+
+def test_baselines_registry_matches_optax():
+    assert sorted(baselines.BASELINES) == sorted(
+        ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
+    )
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    grads = {"w": jnp.array([0.3, -0.1, 2.0])}
+    expected = {
+        "sgd": optax.sgd(0.1),
+        "momentum": optax.sgd(0.1, momentum=0.9),
+        "nesterov": optax.sgd(0.1, momentum=0.9, nesterov=True),
+        "adagrad": optax.adagrad(0.1),
+        "rmsprop": optax.rmsprop(0.1),
+        "adam": optax.adam(0.1),
+    }
+    for name, reference in expected.items():
+        opt = baselines.BASELINES[name](0.1)
+        a, _ = opt.update(grads, opt.init(params), params)
+        b, _ = reference.update(grads, reference.init(params), params)
+        np.testing.assert_allclose(a["w"], b["w"], rtol=1e-6, err_msg=name)
+    with pytest.raises(ValueError, match="unknown baseline optimizer 'adamw'"):
+        baselines.get_baseline("adamw")
+
+
+@pytest.mark.parametrize("name", ["momentum", "adam"])
+def test_swept_baseline_runs_a_learning_rate_grid_in_one_compile(name):
+    opt = baselines.swept_baseline(name)
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    lrs = jnp.array([0.01, 0.1, 1.0])
+    states = baselines.init_swept(opt, params, lrs)
+
+    @jax.jit
+    def step(params, states):
+        grads = jax.tree.map(lambda p: 2 * p, params)  # f = |p|^2
+        updates, states = jax.vmap(opt.update, in_axes=(None, 0))(grads, states)
+        return updates, states
+
+    _, states = step(params, states)
+    swept, states = step(params, states)
+    assert step._cache_size() == 1
+    for i, lr in enumerate(lrs.tolist()):
+        single = baselines.BASELINES[name](lr)
+        state = single.init(params)
+        grads = jax.tree.map(lambda p: 2 * p, params)
+        for _ in range(2):
+            u, state = single.update(grads, state, params)
+        np.testing.assert_allclose(swept["w"][i], u["w"], rtol=1e-5)
