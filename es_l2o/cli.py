@@ -407,8 +407,13 @@ def run_train(cfg) -> Path:
 
 def run_eval(path: str, cfg) -> dict:
     """Compares the optimizer saved at `path` with Adam as `cfg` says."""
+    from omegaconf import OmegaConf
+
     from es_l2o import export
 
+    suite = OmegaConf.select(cfg, "suite", default=None)
+    if suite is not None:
+        return _run_suite(path, cfg, str(suite))
     horizon = _positive_int(cfg, "horizon")
     if not os.path.isfile(path):
         raise UsageError(f"no optimizer file at {path!r}")
@@ -420,6 +425,48 @@ def run_eval(path: str, cfg) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(path).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     return _compare(family, optimizer, horizon, cfg.evaluation, out_dir)
+
+
+def _run_suite(path: str, cfg, suite: str) -> dict:
+    """`es-l2o-eval OPTIMIZER_FILE suite=NAME`: the learned optimizer vs every
+    baseline on a suite; suite.{md,csv,json} and plots in the output folder."""
+
+    from es_l2o import evaluate, export
+    from populations.suites import SUITES, get_suite
+
+    if suite not in SUITES:
+        raise UsageError(f"unknown suite {suite!r}; valid: {sorted(SUITES)}")
+    if not os.path.isfile(path):
+        raise UsageError(f"no optimizer file at {path!r}")
+    num_seeds = _positive_int(cfg, "num_seeds")
+    cap = float(cfg.speedup_cap)
+    if not cap >= 1:
+        raise UsageError(f"speedup_cap must be >= 1, got {cap}")
+    try:
+        export.load(path, num_steps=1)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    default_dir = Path(path).resolve().parent / f"eval_{suite}"
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_dir
+    start = time.perf_counter()
+    result = evaluate.evaluate_suite(
+        lambda n: export.load(path, num_steps=n),
+        get_suite(suite),
+        num_seeds=num_seeds,
+        learning_rates=list(cfg.evaluation.learning_rates),
+        speedup_cap=cap,
+        seed=int(cfg.evaluation.seed),
+        log=lambda line: print(line, flush=True),
+    )
+    result["settings"].update(suite=suite, optimizer_file=str(path))
+    result["settings"]["seconds"] = time.perf_counter() - start
+    paths = evaluate.write_suite_report(result, out_dir)
+    from analysis.eval_plots import plot_suite
+
+    paths.update(plot_suite(result, out_dir))
+    print(evaluate.suite_markdown(result))
+    print(f"wrote {', '.join(sorted(paths.values()))}")
+    return result
 
 
 def _main(program: str, body) -> int:

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -228,3 +228,536 @@ def format_table(result: dict[str, Any]) -> str:
         cells = [f"{row[k]:.4f}" if k in row else "-" for k, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Suites: the learned optimizer against every baseline, per task, in two compilations
+# --------------------------------------------------------------------------------------
+
+#: the baselines of a suite evaluation, in report order
+SUITE_BASELINES = ("sgd", "momentum", "rmsprop", "adagrad", "adam")
+
+#: every baseline as coefficients of one parametrised update (optax's defaults):
+#: m <- a_m m + c_m g;  v <- a_v v + c_v g^2 (v starts at v0);  optional bias
+#: corrections (bc_m, bc_v); update = -lr m_hat / (sqrt(v_hat + eps_in) + eps_out)
+#: when use_v, else -lr m_hat
+_COEFFS = (
+    "a_m",
+    "c_m",
+    "bc_m",
+    "a_v",
+    "c_v",
+    "bc_v",
+    "v0",
+    "use_v",
+    "eps_in",
+    "eps_out",
+)
+_BASELINE_COEFFS = {
+    "sgd": dict(a_m=0.0, c_m=1.0),
+    "momentum": dict(a_m=0.9, c_m=1.0),
+    "rmsprop": dict(a_m=0.0, c_m=1.0, a_v=0.9, c_v=0.1, use_v=1.0, eps_in=1e-8),
+    "adagrad": dict(a_m=0.0, c_m=1.0, a_v=1.0, c_v=1.0, v0=0.1, use_v=1.0, eps_in=1e-7),
+    "adam": dict(
+        a_m=0.9, c_m=0.1, bc_m=1.0, a_v=0.999, c_v=0.001, bc_v=1.0, use_v=1.0,
+        eps_out=1e-8,
+    ),
+}  # fmt: skip
+
+
+def baseline_hyperparameters(
+    names: Sequence[str], learning_rates: Sequence[float]
+) -> dict[str, jax.Array]:
+    """Stacked coefficients of `parametrised_baseline` for names x learning rates.
+
+    Row `i * len(learning_rates) + j` is baseline `names[i]` at `learning_rates[j]`.
+    """
+    rows = []
+    for name in names:
+        if name not in _BASELINE_COEFFS:
+            raise ValueError(
+                f"unknown baseline {name!r}; valid: {sorted(_BASELINE_COEFFS)}"
+            )
+        for lr in learning_rates:
+            row = dict.fromkeys(_COEFFS, 0.0) | _BASELINE_COEFFS[name]
+            rows.append({"lr": float(lr), **row})
+    return {k: jnp.asarray([r[k] for r in rows], jnp.float32) for k in rows[0]}
+
+
+class BaselineState(NamedTuple):
+    """State of `parametrised_baseline`: moments and step count."""
+
+    m: Any
+    v: Any
+    count: jax.Array
+
+
+def parametrised_baseline(hp: dict[str, jax.Array]) -> optax.GradientTransformation:
+    """SGD, momentum, RMSProp, AdaGrad or Adam, chosen by traced coefficients `hp`
+    (one row of `baseline_hyperparameters`), so one compilation serves them all.
+
+    Example:
+        >>> hp = jax.tree.map(lambda x: x[0], baseline_hyperparameters(["sgd"], [0.1]))
+        >>> opt = parametrised_baseline(hp)
+        >>> u, _ = opt.update(jnp.ones(2), opt.init(jnp.zeros(2)))
+        >>> [round(float(x), 6) for x in u]
+        [-0.1, -0.1]
+    """
+
+    def init(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        v = jax.tree.map(lambda p: jnp.full_like(p, hp["v0"]), params)
+        return BaselineState(zeros, v, jnp.zeros([], jnp.int32))
+
+    def update(grads, state, params=None):
+        del params
+        count = state.count + 1
+        t = count.astype(jnp.float32)
+        m = jax.tree.map(lambda m, g: hp["a_m"] * m + hp["c_m"] * g, state.m, grads)
+        v = jax.tree.map(
+            lambda v, g: hp["a_v"] * v + hp["c_v"] * jnp.square(g), state.v, grads
+        )
+        m_corr = jnp.where(hp["bc_m"] > 0, 1.0 - hp["a_m"] ** t, 1.0)
+        v_corr = jnp.where(hp["bc_v"] > 0, 1.0 - hp["a_v"] ** t, 1.0)
+
+        def one(m, v):
+            den = jnp.sqrt(v / v_corr + hp["eps_in"]) + hp["eps_out"]
+            den = jnp.where(hp["use_v"] > 0, den, 1.0)
+            return -hp["lr"] * (m / m_corr) / den
+
+        return jax.tree.map(one, m, v), BaselineState(m, v, count)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _run_scan(task, opt, carry, keys):
+    """`len(keys)` steps of `opt` on `task` from carry (params, state); curve too."""
+
+    def body(carry, step_key):
+        params, state = carry
+        loss, grads = jax.value_and_grad(task.loss)(params, step_key)
+        updates, state = opt.update(grads, state, params, value=loss)
+        return (optax.apply_updates(params, updates), state), loss
+
+    return jax.lax.scan(body, carry, keys)
+
+
+def _final(task, params, key):
+    out = dict(task.metrics(params, key))
+    out["param_norm"] = optax.tree.norm(params)
+    return out
+
+
+def _seed_keys(seed: int, num_seeds: int, num_steps: int):
+    """(step keys (seeds, steps), metric keys (seeds,)): shared by all optimizers."""
+    base = jax.random.fold_in(jax.random.key(seed), HELDOUT_STREAM)
+    keys = jax.random.split(base, num_seeds)
+    steps = jax.vmap(lambda k: jax.random.split(k, num_steps + 1))(keys)
+    return steps[:, 1:], steps[:, 0]
+
+
+def _run_learned(family, tx, cfgs, step_keys, metric_keys):
+    tx = optax.with_extra_args_support(tx)
+
+    def one(cfg, keys, metric_key):
+        task = family.task(cfg)
+        params = task.init(metric_key)
+        (params, _), curve = _run_scan(task, tx, (params, tx.init(params)), keys)
+        return _final(task, params, metric_key), curve
+
+    return jax.tree.map(
+        np.asarray, jax.jit(jax.vmap(one))(cfgs, step_keys, metric_keys)
+    )
+
+
+def _run_baselines(family, hps, cfgs, step_keys, metric_keys, horizon, extend_rows):
+    """Every (baseline, lr) row on every seed for `horizon` steps; the rows in
+    `extend_rows` (static) continue to the end of `step_keys` for their curve."""
+
+    def first(hp, cfg, keys, metric_key):
+        task = family.task(cfg)
+        tx = optax.with_extra_args_support(parametrised_baseline(hp))
+        params = task.init(metric_key)
+        carry, curve = _run_scan(task, tx, (params, tx.init(params)), keys[:horizon])
+        return carry, _final(task, params_of(carry), metric_key), curve
+
+    def params_of(carry):
+        return carry[0]
+
+    def more(hp, cfg, carry, keys):
+        task = family.task(cfg)
+        tx = optax.with_extra_args_support(parametrised_baseline(hp))
+        return _run_scan(task, tx, carry, keys[horizon:])[1]
+
+    over_seeds = jax.vmap(first, in_axes=(None, 0, 0, 0))
+    more_seeds = jax.vmap(more, in_axes=(None, 0, 0, 0))
+
+    def run(hps, cfgs, step_keys, metric_keys):
+        carry, metrics, curve = jax.vmap(over_seeds, in_axes=(0, None, None, None))(
+            hps, cfgs, step_keys, metric_keys
+        )
+        extra = None
+        if step_keys.shape[1] > horizon and extend_rows:
+            rows = jnp.asarray(extend_rows)
+            pick = jax.tree.map(lambda x: x[rows], (hps, carry))
+            extra = jax.vmap(more_seeds, in_axes=(0, None, 0, None))(
+                pick[0], cfgs, pick[1], step_keys
+            )
+        return metrics, curve, extra
+
+    return jax.tree.map(np.asarray, jax.jit(run)(hps, cfgs, step_keys, metric_keys))
+
+
+def _best_index(values: np.ndarray) -> int:
+    """Index of the lowest finite value (non-finite count as +inf)."""
+    values = np.where(np.isfinite(values), values, np.inf)
+    return int(np.argmin(values))
+
+
+#: a win must beat the reference by this relative margin (float noise is no win)
+WIN_MARGIN = 1e-4
+
+
+def _wins(learned: float, reference: float) -> bool:
+    """The learned value is finite and below the reference by `WIN_MARGIN`."""
+    if learned is None or not np.isfinite(learned):
+        return False
+    if not np.isfinite(reference):
+        return True
+    return bool(learned < reference - WIN_MARGIN * abs(reference))
+
+
+def weight_inflation(row: dict[str, Any], norm_ratio: float = 1.5) -> bool:
+    """Flags a task that the learned optimizer wins on training loss vs tuned Adam,
+    loses on validation loss, with parameters `norm_ratio`x larger than Adam's.
+
+    Example:
+        >>> weight_inflation({"learned": {"train_loss": 0.1, "val_loss": 2.0,
+        ...     "param_norm": 30.0}, "adam": {"train_loss": 0.3, "val_loss": 1.0,
+        ...     "param_norm_train": 10.0}})
+        True
+    """
+    learned, adam = row["learned"], row["adam"]
+    if learned.get("val_loss") is None or adam.get("val_loss") is None:
+        return False
+    return bool(
+        _wins(learned["train_loss"], adam["train_loss"])
+        and not _wins(learned["val_loss"], adam["val_loss"])
+        and learned["param_norm"] > norm_ratio * adam["param_norm_train"]
+    )
+
+
+def _mean(x) -> float:
+    return float(np.mean(x))
+
+
+def evaluate_entry(
+    optimizer,
+    entry,
+    *,
+    num_seeds: int = 3,
+    learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
+    baselines: Sequence[str] = SUITE_BASELINES,
+    speedup_cap: float = 2.0,
+    seed: int = 0,
+    smooth_window: int | None = None,
+) -> dict[str, Any]:
+    """One suite entry: the learned optimizer and every baseline's lr sweep.
+
+    Returns a row (see `evaluate_suite`) plus "curves": seed-mean training-loss
+    curves of the learned optimizer and of each baseline at its train-best rate
+    (Adam's extended to `speedup_cap` x horizon).
+    """
+    from populations.suites import build_eval
+
+    if "adam" not in baselines:
+        raise ValueError(f"baselines must include 'adam' (speedup), got {baselines}")
+    if speedup_cap < 1:
+        raise ValueError(f"speedup_cap must be >= 1, got {speedup_cap}")
+    horizon = int(entry.horizon)
+    total = max(horizon, int(round(speedup_cap * horizon)))
+    family = build_eval(entry)
+    cfgs = family.enumerate(num_seeds)
+    step_keys, metric_keys = _seed_keys(seed, num_seeds, total)
+    learning_rates = [float(x) for x in learning_rates]
+    num_lrs = len(learning_rates)
+    hps = baseline_hyperparameters(baselines, learning_rates)
+    adam_at = list(baselines).index("adam") * num_lrs
+    learned_m, learned_curve = _run_learned(
+        family, optimizer(horizon), cfgs, step_keys[:, :horizon], metric_keys
+    )
+    base_m, base_curve, extra = _run_baselines(
+        family,
+        hps,
+        cfgs,
+        step_keys,
+        metric_keys,
+        horizon,
+        tuple(range(adam_at, adam_at + num_lrs)),
+    )
+    has_val = "val_loss" in learned_m
+    learned = {
+        "train_loss": _mean(learned_m["train_loss"]),
+        "val_loss": _mean(learned_m["val_loss"]) if has_val else None,
+        "param_norm": _mean(learned_m["param_norm"]),
+    }
+    row: dict[str, Any] = {
+        "name": entry.name,
+        "family": entry.family,
+        "split": entry.split,
+        "horizon": horizon,
+        "learned": learned,
+    }
+    curves = {"learned": learned_curve.mean(0).tolist()}
+    for i, name in enumerate(baselines):
+        sl = slice(i * num_lrs, (i + 1) * num_lrs)
+        per_lr = {
+            k: base_m[k][sl].mean(1).tolist()
+            for k in ("train_loss", "val_loss", "param_norm")
+            if k in base_m
+        }
+        t = _best_index(np.asarray(per_lr["train_loss"]))
+        v = _best_index(np.asarray(per_lr["val_loss"])) if has_val else t
+        row[name] = {
+            "learning_rates": learning_rates,
+            "per_lr": per_lr,
+            "best_lr_train": learning_rates[t],
+            "best_lr_val": learning_rates[v],
+            "train_loss": per_lr["train_loss"][t],
+            "val_loss": per_lr["val_loss"][v] if has_val else None,
+            "param_norm_train": per_lr["param_norm"][t],
+            "param_norm_val": per_lr["param_norm"][v],
+        }
+        curve = base_curve[i * num_lrs + t].mean(0)
+        if name == "adam" and extra is not None:
+            curve = np.concatenate([curve, extra[t].mean(0)])
+        curves[name] = curve.tolist()
+    window = smooth_window or max(1, horizon // 10)
+    target = float(smooth(np.asarray(curves["learned"]), window)[-1])
+    adam_curve = smooth(np.asarray(curves["adam"]), window)
+    value, reached = (
+        speedup(adam_curve, target, horizon) if np.isfinite(target) else (0.0, False)
+    )
+    row["speedup"] = {"value": value, "reached": reached, "target": target}
+    for metric in ("train_loss", "val_loss"):
+        if not has_val and metric == "val_loss":
+            row[f"win_{metric}_vs_adam"] = row[f"win_{metric}_vs_best"] = None
+            continue
+        best = min(
+            (row[b][metric] for b in baselines),
+            key=lambda x: x if np.isfinite(x) else np.inf,
+        )
+        row[f"win_{metric}_vs_adam"] = _wins(learned[metric], row["adam"][metric])
+        row[f"win_{metric}_vs_best"] = _wins(learned[metric], best)
+    row["param_norm_ratio"] = learned["param_norm"] / max(
+        row["adam"]["param_norm_train"], 1e-12
+    )
+    row["weight_inflation"] = weight_inflation(row)
+    row["curves"] = curves
+    return row
+
+
+def summarize_suite(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per split ("iid", "ood", "all"): tasks, won fractions, median speedup."""
+    out = {}
+    for split in ("iid", "ood", "all"):
+        chosen = [r for r in rows if split == "all" or r["split"] == split]
+        if not chosen:
+            continue
+        summary: dict[str, Any] = {"num_tasks": len(chosen)}
+        for metric in ("train_loss", "val_loss"):
+            for ref in ("adam", "best"):
+                flags = [r[f"win_{metric}_vs_{ref}"] for r in chosen]
+                flags = [f for f in flags if f is not None]
+                summary[f"won_{metric}_vs_{ref}"] = (
+                    sum(flags) / len(flags) if flags else None
+                )
+        speedups = [r["speedup"]["value"] for r in chosen]
+        summary["median_speedup"] = float(np.median(speedups))
+        summary["never_reached"] = sum(not r["speedup"]["reached"] for r in chosen)
+        summary["weight_inflation"] = sum(r["weight_inflation"] for r in chosen)
+        out[split] = summary
+    return out
+
+
+def evaluate_suite(
+    optimizer,
+    suite_entries,
+    *,
+    num_seeds: int = 3,
+    learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
+    baselines: Sequence[str] = SUITE_BASELINES,
+    speedup_cap: float = 2.0,
+    seed: int = 0,
+    log=None,
+) -> dict[str, Any]:
+    """The learned optimizer vs every baseline (tuned per metric) on a suite.
+
+    `optimizer` maps a horizon to an optax transform (e.g.
+    `lambda n: export.load(path, n)`). Per entry: the learned optimizer on
+    `num_seeds` meta_test tasks (one compile) and every baseline x learning rate on
+    the same tasks and data order (one compile). Each baseline's rate is chosen per
+    metric on the seed-mean; the speedup is the steps tuned Adam (train-best rate,
+    run to `speedup_cap` x horizon) needs to reach the learned optimizer's final
+    smoothed training loss, over the horizon.
+
+    Returns:
+        {"rows": [row per entry], "summary": summarize_suite(rows), "settings": ...};
+        a row has "learned" {train_loss, val_loss, param_norm}, one dict per
+        baseline (per_lr lists, best_lr_train / best_lr_val, train_loss, val_loss,
+        param_norm_train / _val), "speedup" {value, reached, target},
+        win_{train,val}_loss_vs_{adam,best}, param_norm_ratio, weight_inflation,
+        "curves".
+
+    Example:
+        >>> from populations.suites import get_suite
+        >>> entries = [e for e in get_suite("default") if e.name == "quadratic_10d"]
+        >>> res = evaluate_suite(lambda n: optax.adam(1e-2), entries, num_seeds=1,
+        ...                      learning_rates=[1e-2])  # doctest: +SKIP
+    """
+    import time
+
+    rows = []
+    for entry in suite_entries:
+        start = time.perf_counter()
+        row = evaluate_entry(
+            optimizer,
+            entry,
+            num_seeds=num_seeds,
+            learning_rates=learning_rates,
+            baselines=baselines,
+            speedup_cap=speedup_cap,
+            seed=seed,
+        )
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        if log is not None:
+            log(
+                f"{entry.name}: learned {row['learned']['train_loss']:.4g} / "
+                f"adam {row['adam']['train_loss']:.4g} train loss, speedup "
+                f"{row['speedup']['value']:.2f}"
+                f"{'' if row['speedup']['reached'] else ' (never reached)'} "
+                f"[{row['seconds']:.1f}s]"
+            )
+    return {
+        "rows": rows,
+        "summary": summarize_suite(rows),
+        "settings": {
+            "num_seeds": int(num_seeds),
+            "learning_rates": [float(x) for x in learning_rates],
+            "baselines": list(baselines),
+            "speedup_cap": float(speedup_cap),
+            "seed": int(seed),
+        },
+    }
+
+
+def _fmt(x, spec=".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def suite_markdown(result: dict[str, Any]) -> str:
+    """Markdown report of `evaluate_suite`: summary per split, then per task."""
+    s = result["settings"]
+    lines = [
+        f"seeds per task: {s['num_seeds']}; baselines {', '.join(s['baselines'])}, "
+        f"each tuned per metric over {len(s['learning_rates'])} learning rates; "
+        f"Adam run to {s['speedup_cap']:g}x horizon for the speedup.",
+        "",
+        "| split | tasks | won train vs Adam | won val vs Adam | won train vs best "
+        "| won val vs best | median speedup | never reached | weight inflation |",
+        "|---" * 9 + "|",
+    ]
+    for split, m in result["summary"].items():
+        lines.append(
+            f"| {split} | {m['num_tasks']} | "
+            + " | ".join(
+                _fmt(m[f"won_{k}"], ".2f")
+                for k in (
+                    "train_loss_vs_adam",
+                    "val_loss_vs_adam",
+                    "train_loss_vs_best",
+                    "val_loss_vs_best",
+                )
+            )
+            + f" | {m['median_speedup']:.2f} | {m['never_reached']} | "
+            f"{m['weight_inflation']} |"
+        )
+    lines += [
+        "",
+        "| task | split | horizon | learned train | Adam train | best baseline train "
+        "| learned val | Adam val | speedup | norm learned / Adam | flag |",
+        "|---" * 11 + "|",
+    ]
+    for r in result["rows"]:
+        names = s["baselines"]
+        best = min(names, key=lambda b: np.nan_to_num(r[b]["train_loss"], nan=np.inf))
+        sp = r["speedup"]
+        flag = "weight inflation" if r["weight_inflation"] else ""
+        lines.append(
+            f"| {r['name']} | {r['split']} | {r['horizon']} | "
+            f"{_fmt(r['learned']['train_loss'])} | {_fmt(r['adam']['train_loss'])} | "
+            f"{_fmt(r[best]['train_loss'])} ({best}) | "
+            f"{_fmt(r['learned']['val_loss'])} | {_fmt(r['adam']['val_loss'])} | "
+            f"{sp['value']:.2f}{'' if sp['reached'] else ' (never reached)'} | "
+            f"{r['learned']['param_norm']:.3g} / {r['adam']['param_norm_train']:.3g} "
+            f"| {flag} |"
+        )
+    return "\n".join(lines)
+
+
+def write_suite_report(result: dict[str, Any], out_dir) -> dict[str, str]:
+    """Writes suite.md, suite.csv and suite.json into `out_dir`; their paths."""
+    import csv
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: str(out / f"suite.{k}") for k in ("md", "csv", "json")}
+    Path(paths["md"]).write_text(suite_markdown(result) + "\n")
+    Path(paths["json"]).write_text(json.dumps(result, indent=1, default=float))
+    fields = ["name", "split", "horizon", "optimizer", "metric", "lr", "value"]
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields + ["speedup", "reached", "weight_inflation"])
+        for r in result["rows"]:
+            tail = [
+                r["speedup"]["value"],
+                r["speedup"]["reached"],
+                r["weight_inflation"],
+            ]
+            for k, v in r["learned"].items():
+                writer.writerow(
+                    [r["name"], r["split"], r["horizon"], "learned", k, "", v, *tail]
+                )
+            for b in result["settings"]["baselines"]:
+                for k, lr_key in (
+                    ("train_loss", "best_lr_train"),
+                    ("val_loss", "best_lr_val"),
+                ):
+                    writer.writerow(
+                        [
+                            r["name"],
+                            r["split"],
+                            r["horizon"],
+                            b,
+                            k,
+                            r[b][lr_key],
+                            r[b][k],
+                            *tail,
+                        ]
+                    )
+                writer.writerow(
+                    [
+                        r["name"],
+                        r["split"],
+                        r["horizon"],
+                        b,
+                        "param_norm",
+                        r[b]["best_lr_train"],
+                        r[b]["param_norm_train"],
+                        *tail,
+                    ]
+                )
+    return paths

@@ -1,0 +1,1 @@
+"""Benchmarks, figures and reports built on es_l2o."""
