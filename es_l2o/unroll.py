@@ -2,7 +2,10 @@
 
 An `UnrolledSystem` is anything with meta-parameters `theta` that advances one step at
 a time. `LOptTraining` is the main one: train a sampled task with a learned optimizer,
-restarting on a fresh task when the episode's horizon ends.
+restarting on a fresh task when the episode's horizon ends. Every particle of an
+estimator carries its own state, so each has its own horizon, step counter and resets.
+Systems may also never reset (a toy dynamical system, say): their steps simply never
+report `reset`.
 
 Example:
     >>> import jax
@@ -34,6 +37,9 @@ from es_l2o.tasks import TaskFamily
 #: meta-losses a state can be scored on
 META_LOSS_SPLITS = ("train", "validation")
 
+#: how `LOptTraining` staggers particles' first episodes (`stagger=True` is "offset")
+STAGGER_MODES = ("none", "offset", "advance")
+
 
 class StepOutput(NamedTuple):
     """What one step of an unrolled system reports.
@@ -52,10 +58,19 @@ class StepOutput(NamedTuple):
 
 
 class UnrolledSystem(abc.ABC):
-    """A computation advanced step by step under meta-parameters `theta`."""
+    """A computation advanced step by step under meta-parameters `theta`.
+
+    Subclasses implement `init` and `step` for one particle. Estimators call
+    `batch_step` on a whole population (leading axis on keys, thetas and states);
+    its default vmaps `step`, and systems override it where a population-level
+    shortcut exists. A system whose episodes never end reports `reset=False` forever
+    and keeps `max_horizon = None`.
+    """
 
     #: True when `meta_loss(..., split="validation")` measures held-out data
     has_validation: bool = False
+    #: the longest episode in steps; None when episodes never end
+    max_horizon: int | None = None
 
     @abc.abstractmethod
     def init(self, key: jax.Array, theta: Theta) -> Any:
@@ -64,6 +79,32 @@ class UnrolledSystem(abc.ABC):
     @abc.abstractmethod
     def step(self, key: jax.Array, theta: Theta, state: Any) -> tuple[Any, StepOutput]:
         """Advances the state by one inner step."""
+
+    def batch_step(
+        self, keys: jax.Array, thetas: Theta, states: Any
+    ) -> tuple[Any, StepOutput]:
+        """`step` for a population: every argument has a leading particle axis."""
+        return jax.vmap(self.step)(keys, thetas, states)
+
+    def episode_done(self, state: Any) -> jax.Array:
+        """True when the next `step` starts a new episode (resets the state first).
+
+        Noise-reuse ES reads it to switch perturbations as a new episode starts.
+        Systems whose episodes never end (`max_horizon is None`) need not define it.
+        """
+        if self.max_horizon is None:
+            return jnp.asarray(False)
+        raise NotImplementedError(
+            f"{type(self).__name__} resets but defines no episode_done(state)"
+        )
+
+    def end_episode(self, state: Any) -> Any:
+        """Marks the current episode as finished, so the next step starts a new one.
+
+        Estimators call it to keep antithetic partners in step when only one of
+        them failed. Systems that never reset return `state` unchanged.
+        """
+        return state
 
     def meta_loss(
         self, key: jax.Array, theta: Theta, state: Any, split: str = "train"
@@ -84,7 +125,11 @@ class LOptTrainingState:
 
 
 def _where_tree(cond, on_true, on_false):
-    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), on_true, on_false)
+    def pick(a, b):
+        c = jnp.reshape(cond, jnp.shape(cond) + (1,) * (jnp.ndim(a) - jnp.ndim(cond)))
+        return jnp.where(c, a, b)
+
+    return jax.tree.map(pick, on_true, on_false)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -92,18 +137,58 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _stagger_mode(stagger) -> str:
+    if stagger is True:
+        return "offset"
+    if stagger is False or stagger is None:
+        return "none"
+    if stagger not in STAGGER_MODES:
+        raise ValueError(
+            f"stagger must be a bool or one of {STAGGER_MODES}, got {stagger!r}"
+        )
+    return stagger
+
+
 class LOptTraining(UnrolledSystem):
     """Train tasks of `family` with the learned optimizer `lopt`, episode after episode.
+
+    Each particle's state holds its task configuration, parameters, optimizer state,
+    step counter and horizon. When the step counter reaches the horizon the next step
+    first starts a new episode: a new task configuration, new initial parameters, a
+    fresh optimizer state and a new horizon.
 
     Args:
         family: where tasks come from; every episode samples a new configuration.
         lopt: the learned optimizer whose `theta` is meta-trained.
         horizon: episode length: an int, or `(low, high)` for a log-uniform draw per
             episode (low == high allowed).
-        stagger: start each particle at a random step of its first episode, so that
-            particles' episodes end at different times.
+        stagger: how particles' first episodes are staggered, so that episodes end
+            at different times:
+            - False / "none": every particle starts at step 0.
+            - True / "offset": a fresh episode whose step counter starts at a random
+              step in [0, horizon): the first episode is cut short. Free, and every
+              state is one the optimizer reaches from a fresh initialisation, so a
+              persistent estimator stays unbiased (its accumulator starts with the
+              episode); the first episode only covers the early part of a run.
+            - "advance": actually trains each particle a random number of steps in
+              [0, horizon) with the initial `theta` (one masked `lax.scan` of
+              `max_horizon - 1` steps in `init`). States are genuine mid-training
+              states from the first iteration, but the first episode's meta-gradient
+              misses the influence of those steps (truncation bias until the first
+              reset), and `init` costs up to `max_horizon` inner steps per particle.
+              Not for full-unroll ES, which calls `init` in every unroll.
         nonfinite_penalty: the loss reported for a step whose loss or parameters are
             not finite; that particle restarts at its next step.
+
+    Example:
+        >>> import jax
+        >>> from es_l2o.lopt import MLPLOpt
+        >>> from populations.quadratic import QuadraticFamily
+        >>> lopt = MLPLOpt(hidden_sizes=(8,))
+        >>> system = LOptTraining(QuadraticFamily(), lopt, (10, 100), stagger=True)
+        >>> state = system.init(jax.random.key(0), lopt.init(jax.random.key(1)))
+        >>> bool(10 <= state.horizon <= 100), bool(0 <= state.step < state.horizon)
+        (True, True)
     """
 
     def __init__(
@@ -112,7 +197,7 @@ class LOptTraining(UnrolledSystem):
         lopt: LearnedOptimizer,
         horizon: int | Sequence[int] = 100,
         *,
-        stagger: bool = False,
+        stagger: bool | str = False,
         nonfinite_penalty: float = 1e3,
     ):
         if isinstance(horizon, int | float) and not isinstance(horizon, bool):
@@ -122,17 +207,19 @@ class LOptTraining(UnrolledSystem):
                 low, high = horizon
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"horizon must be a positive integer or a pair (low, high), got {horizon!r}"
+                    "horizon must be a positive integer or a pair (low, high), "
+                    f"got {horizon!r}"
                 ) from None
         if int(low) != low or int(high) != high or not 1 <= low <= high:
             raise ValueError(
-                "horizon must be a positive integer or a pair of integers 1 <= low <= high,"
-                f" got {horizon!r}"
+                "horizon must be a positive integer or a pair of integers "
+                f"1 <= low <= high, got {horizon!r}"
             )
         self.family = family
         self.lopt = lopt
         self.horizon_range = (int(low), int(high))
-        self.stagger = bool(stagger)
+        self.stagger_mode = _stagger_mode(stagger)
+        self.stagger = self.stagger_mode != "none"
         self.nonfinite_penalty = float(nonfinite_penalty)
         self.has_validation = bool(family.has_validation)
 
@@ -140,37 +227,60 @@ class LOptTraining(UnrolledSystem):
     def max_horizon(self) -> int:
         return self.horizon_range[1]
 
-    def _sample_horizon(self, key):
+    def sample_horizon(self, key: jax.Array) -> jax.Array:
+        """An episode length: log-uniform over the integers in [low, high]."""
         low, high = self.horizon_range
         if low == high:
             return jnp.asarray(low, jnp.int32)
         u = jax.random.uniform(key, (), minval=math.log(low), maxval=math.log(high + 1))
         return jnp.clip(jnp.floor(jnp.exp(u)), low, high).astype(jnp.int32)
 
-    def _new_episode(self, key, theta) -> LOptTrainingState:
+    def new_episode(self, key: jax.Array, theta: Theta) -> LOptTrainingState:
+        """A fresh episode: new task, initial parameters, optimizer state, horizon."""
         key_cfg, key_init, key_horizon = jax.random.split(key, 3)
         cfg = self.family.sample(key_cfg)
         params = self.family.task(cfg).init(key_init)
-        horizon = self._sample_horizon(key_horizon)
+        horizon = self.sample_horizon(key_horizon)
         opt_state = self.lopt.transform(theta, horizon).init(params)
         return LOptTrainingState(
             params, opt_state, cfg, jnp.zeros((), jnp.int32), horizon
         )
 
     def init(self, key, theta):
-        key_episode, key_offset = jax.random.split(key)
-        state = self._new_episode(key_episode, theta)
-        if self.stagger:
-            offset = jax.random.randint(key_offset, (), 0, state.horizon)
-            state = state.replace(step=offset)
+        key_episode, key_offset, key_advance = jax.random.split(key, 3)
+        state = self.new_episode(key_episode, theta)
+        if self.stagger_mode == "none":
+            return state
+        offset = jax.random.randint(key_offset, (), 0, state.horizon)
+        if self.stagger_mode == "offset":
+            return state.replace(step=offset)
+        return self._advance(key_advance, theta, state, offset)
+
+    def _advance(self, key, theta, state, num_steps):
+        """Trains `num_steps` (< horizon, traced) steps: a masked scan of max length."""
+        length = self.max_horizon - 1
+        if length == 0:
+            return state
+
+        def body(state, xs):
+            i, step_key = xs
+            trained, _ = self._train_step(step_key, theta, state)
+            return _where_tree(i < num_steps, trained, state), None
+
+        xs = (jnp.arange(length), jax.random.split(key, length))
+        state, _ = jax.lax.scan(body, state, xs)
         return state
 
-    def step(self, key, theta, state):
-        key_reset, key_loss = jax.random.split(key)
-        reset = state.step >= state.horizon
-        state = _where_tree(reset, self._new_episode(key_reset, theta), state)
+    def end_episode(self, state):
+        return state.replace(step=state.horizon)
+
+    def episode_done(self, state):
+        return state.step >= state.horizon
+
+    def _train_step(self, key, theta, state):
+        """One optimizer step on the current task (no reset check)."""
         task = self.family.task(state.cfg)
-        loss, grads = jax.value_and_grad(task.loss)(state.params, key_loss)
+        loss, grads = jax.value_and_grad(task.loss)(state.params, key)
         opt = self.lopt.transform(theta, state.horizon)
         updates, opt_state = opt.update(
             grads, state.opt_state, state.params, value=loss
@@ -186,7 +296,32 @@ class LOptTraining(UnrolledSystem):
             horizon=state.horizon,
         )
         loss = jnp.where(finite, loss, self.nonfinite_penalty)
-        return new_state, StepOutput(loss=loss, reset=reset, finite=finite)
+        return new_state, (loss, finite)
+
+    def step(self, key, theta, state):
+        key_reset, key_loss = jax.random.split(key)
+        reset = state.step >= state.horizon
+        state = _where_tree(reset, self.new_episode(key_reset, theta), state)
+        state, (loss, finite) = self._train_step(key_loss, theta, state)
+        return state, StepOutput(loss=loss, reset=reset, finite=finite)
+
+    def batch_step(self, keys, thetas, states):
+        # Same keys and results as vmapping `step`, but new episodes (task sampling
+        # and parameter initialisation, as costly as a training step) are drawn
+        # only when some particle's episode has ended: under vmap a per-particle
+        # `cond` would run both branches for everyone at every step.
+        split = jax.vmap(jax.random.split)(keys)
+        key_reset, key_loss = split[:, 0], split[:, 1]
+        reset = states.step >= states.horizon
+        fresh = jax.lax.cond(
+            jnp.any(reset),
+            lambda: _where_tree(
+                reset, jax.vmap(self.new_episode)(key_reset, thetas), states
+            ),
+            lambda: states,
+        )
+        states, (loss, finite) = jax.vmap(self._train_step)(key_loss, thetas, fresh)
+        return states, StepOutput(loss=loss, reset=reset, finite=finite)
 
     def meta_loss(self, key, theta, state, split="train"):
         del theta
