@@ -51,7 +51,9 @@ from evosax.algorithms.distribution_based.noise_reuse_es import (
 from evosax.algorithms.distribution_based.persistent_es import PersistentES
 from evosax.core.fitness_shaping import identity_fitness_shaping_fn
 from flax import struct
+from jax.sharding import Mesh
 
+from es_l2o import sharding
 from es_l2o.es import common
 from es_l2o.unroll import UnrolledSystem
 
@@ -550,6 +552,7 @@ class _TruncatedEstimator:
         noise: str = "stored",
         pair_chunk: int | None = None,
         walk_depth: int | None = None,
+        mesh: Mesh | None = None,
     ):
         common.choose(meta_loss, dict.fromkeys(META_LOSSES), "meta_loss")
         common.choose(
@@ -567,6 +570,8 @@ class _TruncatedEstimator:
                 f"got {truncation_length!r}"
             )
         common.check_population(int(population_size), antithetic=True)
+        sharding.check_population(int(population_size), mesh)
+        self.mesh = mesh
         if callable(std):
             self.std_schedule = std
             std0 = float(std(0))
@@ -634,13 +639,29 @@ class _TruncatedEstimator:
         self._build(theta)
         key_es, key_inner = jax.random.split(key)
         es_state = self.algorithm.init(key_es, theta, self.params)
+        common.check_population_memory(
+            self.system, theta, self.population_size, self.mesh, es_state
+        )
         state = TruncatedESState(
             es_state=es_state,
             inner=self._init_inner(key_inner, theta),
             loss_scale=jnp.full((self.population_size,), jnp.nan),
             iteration=jnp.zeros((), jnp.int32),
         )
-        return common.strong_types(state)
+        return self._place(common.strong_types(state))
+
+    def _place(self, state: TruncatedESState) -> TruncatedESState:
+        """Particles' inner states split over the mesh, the ES state replicated."""
+        state = sharding.put_replicated(state, self.mesh)
+        if self.mesh is None or self.mesh.devices.size == 1:
+            return state  # one device: XLA returns such arrays as replicated
+        split = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec(sharding.POPULATION_AXIS)
+        )
+        return state.replace(
+            inner=jax.device_put(state.inner, split),
+            loss_scale=jax.device_put(state.loss_scale, split),
+        )
 
     def theta(self, state: TruncatedESState):
         """The current mean meta-parameters."""
@@ -806,12 +827,21 @@ class _TruncatedEstimator:
         }
 
     def _step(self, key, state: TruncatedESState):
+        state = state.replace(
+            inner=sharding.shard_population(state.inner, self.mesh),
+            loss_scale=sharding.shard_population(state.loss_scale, self.mesh),
+        )
         grad, state, metrics = self._estimate(key, state)
         es_state = self.algorithm.apply_gradient(state.es_state, grad)
         mean = es_state.mean
         metrics["theta_norm"] = jnp.linalg.norm(mean)
         metrics["theta_finite"] = jnp.all(jnp.isfinite(mean))
-        state = state.replace(es_state=es_state, iteration=state.iteration + 1)
+        state = state.replace(
+            es_state=sharding.replicate(es_state, self.mesh),
+            inner=sharding.shard_population(state.inner, self.mesh),
+            loss_scale=sharding.shard_population(state.loss_scale, self.mesh),
+            iteration=state.iteration + 1,
+        )
         return common.strong_types(state), metrics
 
 
@@ -841,6 +871,8 @@ _ESTIMATOR_ARGS = """
             (None: all at once); with noise="keys" memory is then independent of P.
         walk_depth: keys-mode PES: log2 of the longest episode in truncations
             (default: from the system's max_horizon, else 20).
+        mesh: a `es_l2o.sharding.population_mesh`: particles and their inner
+            states are split over its devices (None: wherever JAX puts them).
 """
 
 
