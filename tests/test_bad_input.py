@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from diverging import ExplodingFamily
 
 from es_l2o import checkpoint, export
 from es_l2o.cli import eval_main, train_main
 from es_l2o.es import PES, FullES
 from es_l2o.lopt import MLPLOpt
 from es_l2o.meta import load_snapshot, meta_train
-from es_l2o.tasks import Task, TaskFamily
 from es_l2o.unroll import LOptTraining
 
 TINY = [
@@ -167,35 +167,12 @@ def test_forged_checkpoint_headers_are_refused(tmp_path):
 # diverging tasks
 
 
-class _ExplodingTask(Task):
-    """exp(growth * x): a large learned step overflows it to inf (NaN gradients)."""
-
-    def __init__(self, growth):
-        self.growth = growth
-
-    def init(self, key):
-        return {"x": jnp.ones(3)}
-
-    def loss(self, params, key):
-        return jnp.sum(jnp.exp(self.growth * params["x"]))
-
-
-class _ExplodingFamily(TaskFamily):
-    name = "exploding"
-
-    def sample(self, key):
-        return jax.random.choice(key, jnp.array([1.0, 100.0]))  # half the tasks blow up
-
-    def task(self, cfg):
-        return _ExplodingTask(cfg)
-
-
 LOPT = MLPLOpt(hidden_sizes=(4,))
 
 
 @pytest.mark.parametrize("kind", ["full_es", "pes"])
 def test_diverging_tasks_keep_meta_training_with_a_finite_theta(kind, tmp_path):
-    system = LOptTraining(_ExplodingFamily(), LOPT, horizon=5, nonfinite_penalty=1e3)
+    system = LOptTraining(ExplodingFamily(), LOPT, horizon=5, nonfinite_penalty=1e3)
     if kind == "full_es":
         es = FullES(system, population_size=8, std=0.1, optimizer=optax.sgd(1.0))
     else:

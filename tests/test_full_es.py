@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from diverging import ExplodingFamily
 
 from es_l2o.es import FullES, common
 from es_l2o.lopt import MLPLOpt
-from es_l2o.tasks import Task, TaskFamily
 from es_l2o.unroll import LOptTraining
 from populations.quadratic import QuadraticFamily
 
@@ -91,31 +91,8 @@ def test_another_evosax_algorithm_by_name():
     assert bool(metrics["theta_finite"]) and float(moved) > 0
 
 
-class _ExplodingTask(Task):
-    """exp(growth * x): a large learned step overflows it to inf."""
-
-    def __init__(self, growth):
-        self.growth = growth
-
-    def init(self, key):
-        return {"x": jnp.ones(3)}
-
-    def loss(self, params, key):
-        return jnp.sum(jnp.exp(self.growth * params["x"]))
-
-
-class _ExplodingFamily(TaskFamily):
-    name = "exploding"
-
-    def sample(self, key):
-        return jax.random.choice(key, jnp.array([1.0, 100.0]))  # half the tasks blow up
-
-    def task(self, cfg):
-        return _ExplodingTask(cfg)
-
-
 def test_diverging_tasks_never_make_theta_nonfinite():
-    system = LOptTraining(_ExplodingFamily(), LOPT, horizon=5, nonfinite_penalty=1e3)
+    system = LOptTraining(ExplodingFamily(), LOPT, horizon=5, nonfinite_penalty=1e3)
     es = FullES(system, population_size=8, std=0.1, optimizer=optax.sgd(1.0))
     state = es.init(jax.random.key(0), LOPT.init(jax.random.key(1)))
     failures = 0

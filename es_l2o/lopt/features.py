@@ -10,9 +10,10 @@ Example:
     >>> layout = TensorLayout.of({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
     >>> layout.num_tensors, layout.total_size
     (2, 9)
+    >>> grad = layout.flatten({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
     >>> stats = update_gradient_stats(
-    ...     init_gradient_stats(layout.total_size, 2), layout.flatten({"w": jnp.ones((2, 3)),
-    ...     "b": jnp.ones(3)}), momentum_decays=(0.5, 0.9), second_moment_decay=0.99)
+    ...     init_gradient_stats(layout.total_size, 2), grad,
+    ...     momentum_decays=(0.5, 0.9), second_moment_decay=0.99)
     >>> [round(float(m), 3) for m in stats.momenta[:, 0]]
     [0.5, 0.1]
 """
@@ -34,8 +35,32 @@ TIMESCALES = tuple(float(10 ** (k / 2)) for k in range(11))  # 1 ... 1e5
 GRADIENT_CLIP = 1000.0
 
 
+class _TensorShapes:
+    """Per-tensor sizes and ranks of a layout with a `shapes` field."""
+
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def total_size(self) -> int:
+        """Number of parameters (padding, where a layout has it, not counted)."""
+        return sum(self.sizes)
+
+    @property
+    def ranks(self) -> np.ndarray:
+        """Rank of each tensor, shape (num_tensors,)."""
+        return np.asarray([len(s) for s in self.shapes], np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
-class TensorLayout:
+class TensorLayout(_TensorShapes):
     """Static map between a pytree of tensors and one flat float32 vector.
 
     Built from shapes only, so it works on abstract inputs (`jax.ShapeDtypeStruct`).
@@ -51,23 +76,6 @@ class TensorLayout:
         shapes = tuple(tuple(int(d) for d in jnp.shape(x)) for x in leaves)
         dtypes = tuple(jnp.result_type(x) for x in leaves)
         return cls(treedef, shapes, dtypes)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @property
-    def num_tensors(self) -> int:
-        return len(self.shapes)
-
-    @property
-    def total_size(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def ranks(self) -> np.ndarray:
-        """Rank of each tensor, shape (num_tensors,)."""
-        return np.asarray([len(s) for s in self.shapes], np.int32)
 
     @property
     def segment_ids(self) -> np.ndarray:
@@ -318,7 +326,7 @@ def loss_features(state: LossEMAState) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockLayout:
+class BlockLayout(_TensorShapes):
     """Like `TensorLayout`, with every tensor zero-padded to whole blocks of `block`.
 
     The flat vector is viewed as `(num_blocks, block)`; each block belongs to one
@@ -346,23 +354,6 @@ class BlockLayout:
         if block < 1:
             raise ValueError(f"block must be a positive integer, got {block!r}")
         return cls(base.treedef, base.shapes, base.dtypes, int(block))
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @property
-    def num_tensors(self) -> int:
-        return len(self.shapes)
-
-    @property
-    def total_size(self) -> int:
-        """Number of real (unpadded) entries."""
-        return sum(self.sizes)
-
-    @property
-    def ranks(self) -> np.ndarray:
-        return np.asarray([len(s) for s in self.shapes], np.int32)
 
     @property
     def blocks_per_tensor(self) -> np.ndarray:
