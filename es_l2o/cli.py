@@ -248,7 +248,6 @@ def _mesh_kwargs(cfg, make_estimator) -> dict:
     if "mesh" not in inspect.signature(target).parameters:
         return {}
     settings = OmegaConf.select(cfg, "sharding") or {}
-    sharding.initialize_distributed(bool(settings.get("distributed", False)))
     try:
         return {"mesh": sharding.population_mesh(settings.get("num_devices"))}
     except ValueError as err:
@@ -267,10 +266,14 @@ def run_train(cfg) -> Path:
     from omegaconf import OmegaConf
 
     from es_l2o import checkpoint as ckpt
-    from es_l2o import export
+    from es_l2o import export, sharding
     from es_l2o.meta import Interrupted, NonFiniteThetaError, ResumeError, meta_train
     from es_l2o.unroll import LOptTraining
 
+    # the multi-host runtime must start before anything touches a JAX device
+    sharding.initialize_distributed(
+        bool(OmegaConf.select(cfg, "sharding.distributed", default=False))
+    )
     resuming = cfg.get("resume") not in (None, "")
     num_iterations = _positive_int(cfg, "num_iterations")
     checkpoint_every = _count(cfg, "checkpoint_every", 0)

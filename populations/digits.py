@@ -96,6 +96,18 @@ def _dense(key, fan_in, fan_out, init_scale):
     }
 
 
+def mlp_apply(params, x, activation: str):
+    """Dense layers `layer_0 ... layer_n` with `activation` between them."""
+    act = ACTIVATIONS[activation]
+    num_layers = len(params)
+    for i in range(num_layers):
+        layer = params[f"layer_{i}"]
+        x = x @ layer["w"] + layer["b"]
+        if i < num_layers - 1:
+            x = act(x)
+    return x
+
+
 class DigitsClassifierTask(Task):
     """A classifier on digits: subclasses give `init` and `apply` (logits)."""
 
@@ -146,14 +158,7 @@ class DigitsMLPTask(DigitsClassifierTask):
 
     def apply(self, params, x):
         """Logits of the MLP on inputs `x` of shape (batch, 64)."""
-        act = ACTIVATIONS[self.family.activation]
-        num_layers = len(params)
-        for i in range(num_layers):
-            layer = params[f"layer_{i}"]
-            x = x @ layer["w"] + layer["b"]
-            if i < num_layers - 1:
-                x = act(x)
-        return x
+        return mlp_apply(params, x, self.family.activation)
 
 
 class DigitsFamily(TaskFamily):
@@ -410,14 +415,7 @@ class DigitsAutoencoderTask(Task):
 
     def apply(self, params, x):
         """Reconstructions of inputs `x` of shape (batch, 64)."""
-        act = ACTIVATIONS[self.family.activation]
-        num_layers = len(params)
-        for i in range(num_layers):
-            layer = params[f"layer_{i}"]
-            x = x @ layer["w"] + layer["b"]
-            if i < num_layers - 1:
-                x = act(x)
-        return x
+        return mlp_apply(params, x, self.family.activation)
 
     def split_loss(self, params, split: Split) -> jax.Array:
         """Mean squared reconstruction error per pixel over `split`."""

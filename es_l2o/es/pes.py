@@ -153,6 +153,27 @@ class _PerParticleMixin:
     persistent: ClassVar[bool]
     reuse_noise: ClassVar[bool]
 
+    def __init__(
+        self,
+        population_size: int,
+        solution: Any,
+        optimizer: optax.GradientTransformation | None = None,
+        std_schedule: Callable | None = None,
+        fitness_shaping_fn: Callable = identity_fitness_shaping_fn,
+        *,
+        noise: str = "stored",
+        walk_depth: int | None = None,
+        pair_chunk: int | None = None,
+    ):
+        super().__init__(
+            population_size,
+            solution,
+            optax.adam(1e-3) if optimizer is None else optimizer,
+            optax.constant_schedule(0.01) if std_schedule is None else std_schedule,
+            fitness_shaping_fn,
+        )
+        self._setup(noise, walk_depth, pair_chunk)
+
     def _setup(self, noise: str, walk_depth: int | None, pair_chunk: int | None):
         common.choose(noise, dict.fromkeys(NOISE_MODES), "noise mode")
         self.noise = noise
@@ -426,27 +447,6 @@ class PerParticlePersistentES(_PerParticleMixin, PersistentES):
     persistent = True
     reuse_noise = False
 
-    def __init__(
-        self,
-        population_size: int,
-        solution: Any,
-        optimizer: optax.GradientTransformation | None = None,
-        std_schedule: Callable | None = None,
-        fitness_shaping_fn: Callable = identity_fitness_shaping_fn,
-        *,
-        noise: str = "stored",
-        walk_depth: int | None = None,
-        pair_chunk: int | None = None,
-    ):
-        super().__init__(
-            population_size,
-            solution,
-            optax.adam(1e-3) if optimizer is None else optimizer,
-            optax.constant_schedule(0.01) if std_schedule is None else std_schedule,
-            fitness_shaping_fn,
-        )
-        self._setup(noise, walk_depth, pair_chunk)
-
 
 class PerParticleTruncatedES(PerParticlePersistentES):
     """Truncated ES: PersistentES whose accumulators restart every truncation."""
@@ -460,27 +460,6 @@ class PerParticleNoiseReuseES(_PerParticleMixin, EvosaxNoiseReuseES):
 
     persistent = False
     reuse_noise = True
-
-    def __init__(
-        self,
-        population_size: int,
-        solution: Any,
-        optimizer: optax.GradientTransformation | None = None,
-        std_schedule: Callable | None = None,
-        fitness_shaping_fn: Callable = identity_fitness_shaping_fn,
-        *,
-        noise: str = "stored",
-        walk_depth: int | None = None,
-        pair_chunk: int | None = None,
-    ):
-        super().__init__(
-            population_size,
-            solution,
-            optax.adam(1e-3) if optimizer is None else optimizer,
-            optax.constant_schedule(0.01) if std_schedule is None else std_schedule,
-            fitness_shaping_fn,
-        )
-        self._setup(noise, walk_depth, pair_chunk)
 
 
 # ------------------------------------------------------------------------------------
