@@ -5,8 +5,8 @@ optimizer config in `configs/lopt/` (or exported files given with `--export`) it
 measures the median time of one update, of one whole train step (forward, backward,
 update, apply), the optimizer-state bytes per parameter, and the same for Adam,
 interleaving optimizer and Adam runs so that load on the machine hits both alike.
-It also times the compilation of one update on a pytree of 10 and of 100 tensors
-(about 100k parameters either way).
+It also times the compilation of one update on pytrees of about 100k parameters: 10
+and 100 tensors of one shape, and 100 tensors of 100 distinct shapes.
 
 Writes `bench_step.csv` and `bench_step.md` (plus `bench_compile.csv`) to the output
 folder (default `analysis/results/`).
@@ -164,23 +164,35 @@ def bench_size(size, hidden, opts, repeats, budget_s):
     return rows
 
 
-def compile_times(opts, total=100_000, counts=(10, 100)):
-    """Seconds to compile one update on `count` equal matrices of ~`total` entries."""
+#: (label, number of tensors, number of distinct shapes) of the compile-time pytrees
+COMPILE_TREES = (("10", 10, 1), ("100", 100, 1), ("100 distinct", 100, 100))
+
+
+def compile_tree(total: int, count: int, distinct: int):
+    """`count` near-square matrices, about `total` entries, `distinct` shapes."""
+    side = int(round(np.sqrt(total / count)))
+    return {f"t{i:03d}": jnp.ones((side, side + i % distinct)) for i in range(count)}
+
+
+def compile_times(opts, total=100_000, trees=COMPILE_TREES):
+    """Seconds to compile one update on each pytree of `trees` (~`total` entries)."""
     rows = []
     for name, opt in {"adam": optax.adam(1e-3), **opts}.items():
         row = {"optimizer": name}
-        for count in counts:
-            side = int(round(np.sqrt(total / count)))
-            params = {f"t{i:03d}": jnp.ones((side, side)) for i in range(count)}
+        for label, count, distinct in trees:
+            params = compile_tree(total, count, distinct)
             state = opt.init(params)
             fn = jax.jit(lambda g, s, p, opt=opt: opt.update(g, s, p, value=1.0))
             start = time.perf_counter()
             fn.lower(params, state, params).compile()
-            row[f"compile_s_{count}"] = time.perf_counter() - start
+            row[f"compile_s_{label}"] = time.perf_counter() - start
         rows.append(row)
         print(
             f"compile {name:>18}: "
-            + ", ".join(f"{c} tensors {row[f'compile_s_{c}']:.2f} s" for c in counts),
+            + ", ".join(
+                f"{label} tensors {row[f'compile_s_{label}']:.2f} s"
+                for label, _, _ in trees
+            ),
             flush=True,
         )
     return rows
@@ -206,7 +218,9 @@ def markdown(rows, compile_rows, machine) -> str:
         lines += [
             "",
             "| optimizer | "
-            + " | ".join(f"compile, {k.split('_')[-1]} tensors (s)" for k in counts)
+            + " | ".join(
+                f"compile, {k.removeprefix('compile_s_')} tensors (s)" for k in counts
+            )
             + " |",
             "| --- | " + " | ".join("---:" for _ in counts) + " |",
         ]

@@ -86,30 +86,48 @@ def test_clip_gradient_bounds_and_zeroes_nan():
     np.testing.assert_array_equal(out, [1000.0, -1000.0, 0.0, 0.5])
 
 
-def test_mlp_param_features_match_hand_computation():
-    lopt = MLPLOpt(momentum_decays=(0.5,))
-    layout = F.TensorLayout.of({"w": jnp.zeros(2)})
-    grad, param = jnp.array([1.0, -3.0]), jnp.array([2.0, 2.0])
-    stats = F.GradientStats(
-        momenta=jnp.array([[0.5, -1.5]]), second_moment=jnp.array([4.0, 9.0])
-    )
-    out = lopt.param_features(grad, param, stats, layout)
-    assert out.shape == (lopt.num_param_features, 2)
+@pytest.mark.parametrize("hidden", [(3,), (24, 24)])
+def test_mlp_update_matches_a_hand_computed_reference(hidden):
+    """Features, per-tensor RMS normalisation and the MLP, against numpy.
 
-    def unit_rms(v):
-        v = np.asarray(v, np.float64)
-        return v / np.sqrt(np.mean(v**2) + 1e-8)
+    (3,) runs as one fused pass, (24, 24) as matrix products.
+    """
+    lopt = MLPLOpt(hidden_sizes=hidden, momentum_decays=(0.5,), output_init_scale=1.0)
+    assert lopt.fused == (hidden == (3,))
+    theta = lopt.init(jax.random.key(4))
+    theta["skip"]["w"] = jax.random.normal(jax.random.key(5), (6, 2))
+    opt = lopt.transform(theta, num_steps=10)
+    grad, param = np.array([1.0, -3.0]), np.array([2.0, 0.5])
+    # a second tensor of the same shape shares the vmapped pass
+    params = {"w": jnp.asarray(param), "u": jnp.asarray(2 * param)}
+    grads = {"w": jnp.asarray(grad), "u": jnp.asarray(-grad)}
+    updates, state = opt.update(grads, opt.init(params), params)
 
-    root_v = np.array([2.0, 3.0])
-    rows = [
-        grad,
-        param,
-        [0.5, -1.5],
-        root_v,
-        grad / root_v,
-        np.array([0.5, -1.5]) / root_v,
-    ]
-    np.testing.assert_allclose(out, np.stack([unit_rms(r) for r in rows]), rtol=1e-5)
+    def reference(g, p):
+        m, v = 0.5 * g, 0.001 * g * g  # one step from zero accumulators
+        root = np.sqrt(v)
+        rows = np.stack([g, p, m, root, g / (root + 1e-8), m / (root + 1e-8)])
+        feats = rows / np.sqrt(np.mean(rows**2, axis=1, keepdims=True) + 1e-8)
+        t = {
+            k: {n: np.asarray(x, np.float64) for n, x in v.items()}
+            for k, v in theta.items()
+        }
+        time = np.concatenate(
+            [F.progress_features(jnp.array(0), 10), F.timescale_features(jnp.array(0))]
+        )
+        bias = t["layer_0"]["b"] + time @ t["time"]["w"]
+        hidden = np.maximum(t["layer_0"]["w"].T @ feats + bias[:, None], 0.0)
+        for i in range(1, len(lopt.hidden_sizes)):
+            layer = t[f"layer_{i}"]
+            hidden = np.maximum(layer["w"].T @ hidden + layer["b"][:, None], 0.0)
+        out = t["output"]["w"].T @ hidden + t["output"]["b"][:, None]
+        out = out + t["skip"]["w"].T @ feats
+        return out[0] * np.exp(lopt.exp_mult * out[1]) * lopt.step_mult
+
+    np.testing.assert_allclose(updates["w"], reference(grad, param), rtol=1e-4)
+    np.testing.assert_allclose(updates["u"], reference(-grad, 2 * param), rtol=1e-4)
+    # one group, members in leaf order ("u", then "w")
+    np.testing.assert_allclose(state.momenta[0][:, 0], [-0.5 * grad, 0.5 * grad])
 
 
 @pytest.mark.parametrize("bad", [(0,), (4, -1), ()])

@@ -24,9 +24,9 @@ SCRIPT = textwrap.dedent(
     lopt = MLPLOpt(hidden_sizes=(4,))
     system = LOptTraining(QuadraticFamily(), lopt, horizon=4)
 
-    def run(mesh):
+    def run(mesh, chunk=None):
         es = FullES(system, population_size=16, std=0.01, optimizer=optax.adam(1e-2),
-                    mesh=mesh)
+                    mesh=mesh, particle_chunk=chunk)
         state = es.init(jax.random.key(0), lopt.init(jax.random.key(1)))
         for i in range(2):
             state, _ = es.step(jax.random.key(10 + i), state)
@@ -62,6 +62,12 @@ SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # the unroll was partitioned: each device trains 16 / 8 = 2 particles
     assert "f32[2,10]" in text, "no per-device slice of the population in the program"
+    # chunked unrolls (a loop over each device's particles) change nothing
+    for mesh, chunk in ((population_mesh(1), 4), (population_mesh(8), 1)):
+        chunked, text = run(mesh, chunk)
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(chunked)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert "f32[1,10]" in text, "no per-device chunk of one particle in the program"
     try:
         FullES(system, population_size=12, mesh=population_mesh(8))
     except ValueError as err:
@@ -92,6 +98,19 @@ def test_population_must_split_evenly():
     sharding.check_population(5, mesh)  # one device takes any population
     with pytest.raises(ValueError, match="num_devices must lie in"):
         sharding.population_mesh(jax.device_count() + 1)
+
+
+def test_particle_chunk_must_divide_each_devices_particles():
+    mesh = sharding.population_mesh(1)
+    assert sharding.check_particle_chunk(None, 12, mesh) is None
+    assert sharding.check_particle_chunk(4, 12, mesh) == 4
+    assert sharding.check_particle_chunk(64, 12, mesh) is None  # one chunk: a vmap
+    with pytest.raises(
+        ValueError, match=r"particle_chunk 5 .* one of \[1, 2, 3, 4, 6, 12\]"
+    ):
+        sharding.check_particle_chunk(5, 12, mesh)
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        sharding.check_particle_chunk(0, 12, mesh)
 
 
 def test_memory_check_names_a_population_and_device_count_that_fit():

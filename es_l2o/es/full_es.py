@@ -78,6 +78,9 @@ class FullES:
         nonfinite_penalty: fitness given to a particle whose meta-loss is not finite.
         mesh: a `es_l2o.sharding.population_mesh`: particles are split over its
             devices (None: wherever JAX puts them).
+        particle_chunk: each device unrolls its particles this many at a time (a
+            loop over chunks), so populations past the size a device saturates at
+            keep its throughput; None unrolls all of them at once.
 
     Example:
         >>> import jax, optax
@@ -107,6 +110,7 @@ class FullES:
         nonfinite_penalty: float = 1e3,
         algorithm_kwargs: dict | None = None,
         mesh: Mesh | None = None,
+        particle_chunk: int | None = None,
     ):
         common.choose(meta_loss, dict.fromkeys(META_LOSSES), "meta_loss")
         if meta_loss == "auto":
@@ -134,6 +138,8 @@ class FullES:
         self.algorithm = None
         self.mesh = mesh
         sharding.check_population(self.population_size, mesh)
+        sharding.check_particle_chunk(particle_chunk, self.population_size, mesh)
+        self.particle_chunk = particle_chunk
         if isinstance(algorithm, str):
             common.choose(algorithm, distribution_based_algorithms, "evosax algorithm")
         common.choose(fitness_shaping, common.FITNESS_SHAPING, "fitness shaping")
@@ -181,8 +187,9 @@ class FullES:
         key_ask, key_unroll, key_tell = jax.random.split(key, 3)
         population, es_state = self.algorithm.ask(key_ask, state.es_state, self.params)
         keys = common.particle_keys(key_unroll, self.population_size, self.antithetic)
-        population, keys = sharding.shard_population((population, keys), self.mesh)
-        raw, failed = jax.vmap(self.unroll)(population, keys)
+        raw, failed = sharding.map_population(
+            self.unroll, (population, keys), self.mesh, self.particle_chunk
+        )
         fitness = common.sanitize_fitness(raw, self.nonfinite_penalty)
         es_state, _ = self.algorithm.tell(
             key_tell, population, fitness, es_state, self.params

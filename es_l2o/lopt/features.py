@@ -322,372 +322,201 @@ def loss_features(state: LossEMAState) -> jax.Array:
     return jnp.where(state.seen, jnp.clip(rel, -1.0, 1.0), 0.0)
 
 
-# -- a block-padded flat layout -----------------------------------------------------
+# -- factored second moments, one tensor at a time ---------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockLayout(_TensorShapes):
-    """Like `TensorLayout`, with every tensor zero-padded to whole blocks of `block`.
+def matrix_view(x: jax.Array) -> jax.Array:
+    """`x` as a batch of matrices `(batch, rows, cols)` for factored statistics.
 
-    The flat vector is viewed as `(num_blocks, block)`; each block belongs to one
-    tensor, so per-tensor values reach the entries as a broadcast along the block
-    axis and per-tensor sums are one block reduction plus a segment sum over the
-    (few) blocks. Padding entries are masked out of every per-tensor statistic.
+    Rank >= 2: the last two axes are the matrix (a conv kernel `(h, w, i, o)` is
+    `h * w` matrices `(i, o)`); rank 1: one column `(1, n, 1)`; a scalar `(1, 1, 1)`.
 
     Example:
-        >>> layout = BlockLayout.of({"w": jnp.ones((3, 2)), "b": jnp.ones(2)}, block=4)
-        >>> layout.num_blocks, layout.padded_size
-        (3, 12)
-        >>> layout.tensor_mean(layout.flatten({"w": jnp.ones((3, 2)),
-        ...     "b": 3 * jnp.ones(2)})).tolist()
-        [3.0, 1.0]
+        >>> matrix_view(jnp.zeros((3, 3, 2, 4))).shape, matrix_view(jnp.zeros(5)).shape
+        ((9, 2, 4), (1, 5, 1))
     """
-
-    treedef: Any
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[Any, ...]
-    block: int
-
-    @classmethod
-    def of(cls, tree, block: int = 128) -> BlockLayout:
-        base = TensorLayout.of(tree)
-        if block < 1:
-            raise ValueError(f"block must be a positive integer, got {block!r}")
-        return cls(base.treedef, base.shapes, base.dtypes, int(block))
-
-    @property
-    def blocks_per_tensor(self) -> np.ndarray:
-        return np.asarray([-(-n // self.block) for n in self.sizes], np.int64)
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.blocks_per_tensor.sum())
-
-    @property
-    def padded_size(self) -> int:
-        return self.num_blocks * self.block
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """Start of each tensor in the padded flat vector, shape (num_tensors,)."""
-        starts = np.cumsum(self.blocks_per_tensor) - self.blocks_per_tensor
-        return starts.astype(np.int64) * self.block
-
-    @property
-    def block_tensor_ids(self) -> np.ndarray:
-        """The tensor of each block, shape (num_blocks,)."""
-        return np.repeat(
-            np.arange(self.num_tensors, dtype=np.int32), self.blocks_per_tensor
-        )
-
-    @property
-    def block_valid(self) -> np.ndarray:
-        """Real entries in each block, shape (num_blocks,)."""
-        valid = np.full((self.num_blocks,), self.block, np.int32)
-        ends = np.cumsum(self.blocks_per_tensor) - 1
-        for end, size, nblocks in zip(
-            ends, self.sizes, self.blocks_per_tensor, strict=True
-        ):
-            if nblocks:
-                valid[end] = size - (nblocks - 1) * self.block
-        return valid
-
-    def mask(self) -> jax.Array:
-        """1.0 on real entries and 0.0 on padding, shape (num_blocks, block)."""
-        iota = jnp.arange(self.block, dtype=jnp.int32)
-        return (iota[None, :] < jnp.asarray(self.block_valid)[:, None]).astype(
-            jnp.float32
-        )
-
-    def flatten(self, tree) -> jax.Array:
-        """All leaves, zero-padded, as one float32 array `(num_blocks, block)`."""
-        leaves = jax.tree_util.tree_leaves(tree)
-        # in-place updates of one zero buffer: XLA:CPU runs a bare concatenate of
-        # large operands several times slower than these copies
-        flat = jnp.zeros((self.padded_size,), jnp.float32)
-        for x, start in zip(leaves, self.offsets, strict=True):
-            piece = jnp.ravel(x).astype(jnp.float32)
-            flat = jax.lax.dynamic_update_slice(flat, piece, (int(start),))
-        return flat.reshape(self.num_blocks, self.block)
-
-    def unflatten(self, flat: jax.Array, dtypes: Sequence[Any] | None = None):
-        """Inverse of `flatten`; leaves are cast to `dtypes` (default: the layout's)."""
-        dtypes = self.dtypes if dtypes is None else dtypes
-        flat = flat.reshape(-1)
-        leaves = [
-            flat[int(a) : int(a) + n].reshape(shape).astype(dtype)
-            for a, n, shape, dtype in zip(
-                self.offsets, self.sizes, self.shapes, dtypes, strict=True
-            )
-        ]
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-    def tensor_sum(self, x: jax.Array, masked: bool = True) -> jax.Array:
-        """Sums of `x[..., num_blocks, block]` within each tensor: `(..., num_tensors)`.
-
-        With `masked=False` the caller promises that padding entries of `x` are 0.
-        """
-        if masked:
-            x = x * self.mask()
-        lead = x.shape[:-2]
-        rows = x.reshape(-1, self.num_blocks, self.block)
-        # one 2-D minor-axis reduction per leading index: XLA:CPU runs a single
-        # 3-D reduction (or a stack of the inputs) many times slower
-        per_block = jnp.stack(
-            [jnp.sum(rows[i], axis=-1) for i in range(rows.shape[0])], axis=-1
-        )
-        sums = jax.ops.segment_sum(
-            per_block,
-            self.block_tensor_ids,
-            num_segments=self.num_tensors,
-            indices_are_sorted=True,
-        )
-        return jnp.moveaxis(sums, 0, -1).reshape((*lead, self.num_tensors))
-
-    def tensor_mean(self, x: jax.Array) -> jax.Array:
-        """Mean of `x[..., num_blocks, block]` over each tensor's real entries."""
-        sizes = np.maximum(np.asarray(self.sizes, np.float32), 1.0)
-        return self.tensor_sum(x) / sizes
-
-    def broadcast(self, per_tensor: jax.Array) -> jax.Array:
-        """Per-tensor values `(..., num_tensors)` as `(..., num_blocks, 1)`."""
-        return jnp.take(per_tensor, jnp.asarray(self.block_tensor_ids), axis=-1)[
-            ..., None
-        ]
+    return x.reshape(matrix_shape(x.shape))
 
 
-# -- factored (Adafactor) second moments -------------------------------------------
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """The `(batch, rows, cols)` of `matrix_view` for a tensor of `shape`."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) >= 2:
+        return int(np.prod(shape[:-2], dtype=np.int64)), shape[-2], shape[-1]
+    return 1, int(np.prod(shape, dtype=np.int64)), 1
 
 
-@dataclasses.dataclass(frozen=True)
-class FactoredIndex:
-    """Static map from flat entries to the rows and columns of their tensors.
+class FactoredMoments(NamedTuple):
+    """Row and column EMAs of one tensor's squared gradient at several decays.
 
-    A tensor of shape `(..., a, b)` (rank >= 2) has `prod(...) * a` rows (reduced over
-    its last axis) and `prod(...) * b` columns (reduced over its second-to-last
-    axis), one matrix per leading index. A tensor of rank < 2 is treated as an
-    `(n, 1)` matrix, so its factored estimate is exactly its diagonal second moment.
-    Entries outside every tensor (padding) map to a spare row and column that the
-    statistics drop.
-    """
-
-    row_matrix: np.ndarray  # (num_rows,) int32
-    col_tensor: np.ndarray  # (num_cols,) int32
-    row_size: np.ndarray  # (num_rows,) entries per row (= b)
-    col_size: np.ndarray  # (num_cols,) entries per column (= a)
-    matrix_tensor: np.ndarray  # (num_matrices,) int32
-    num_tensors: int
-    #: dense layouts: the row and column of every entry, (num_entries,) int32
-    entry_rows: np.ndarray | None = None
-    entry_cols: np.ndarray | None = None
-    #: block layouts: per-block tables (num_blocks,) from which `ids` computes the
-    #: rows and columns on device, so no array of the parameters' size is embedded
-    #: in the compiled program
-    block_tables: tuple[np.ndarray, ...] | None = None
-    block: int = 0
-
-    @property
-    def num_matrices(self) -> int:
-        return len(self.matrix_tensor)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.row_matrix)
-
-    @property
-    def num_cols(self) -> int:
-        return len(self.col_tensor)
-
-    def ids(self):
-        """(row, column) of every flat entry; padding maps to the spare ones.
-
-        Dense layouts: two `(num_entries,)` numpy arrays. Block layouts: two
-        `(num_blocks, block)` int32 arrays computed from per-block tables.
-        """
-        if self.block_tables is None:
-            return self.entry_rows, self.entry_cols
-        size, b, ab, row0, rem_b, col0, mat0, rem_ab = (
-            jnp.asarray(x)[:, None] for x in self.block_tables
-        )
-        i = jnp.arange(self.block, dtype=jnp.int32)[None, :]
-
-        def div_small(x, d):
-            # x // d for 0 <= x < d + block, vectorised (integer division is not):
-            # x >= d when d >= block, else an exact float division of small numbers
-            by_float = jnp.floor((x.astype(jnp.float32) + 0.5) / d.astype(jnp.float32))
-            return jnp.where(d >= self.block, (x >= d), by_float).astype(jnp.int32)
-
-        x_row, x_mat = rem_b + i, rem_ab + i  # offsets from the block's row / matrix
-        k_row = div_small(x_row, b)
-        k_mat = div_small(x_mat, ab)
-        # padding: the block's entries past its tensor's end
-        valid = i < size
-        rows = jnp.where(valid, row0 + k_row, self.num_rows)
-        cols = jnp.where(
-            valid, col0 + (mat0 + k_mat) * b + (x_row - k_row * b), self.num_cols
-        )
-        return rows, cols
-
-    @classmethod
-    def of(cls, layout) -> FactoredIndex:
-        """For a `TensorLayout` (dense) or a `BlockLayout` (padded)."""
-        blocked = isinstance(layout, BlockLayout)
-        if not blocked:
-            total = layout.total_size
-            entry_rows = np.full((total,), -1, np.int64)
-            entry_cols = np.full((total,), -1, np.int64)
-        tables = [[] for _ in range(8)]
-        row_parts, col_parts, row_size, col_size, mat_parts = [], [], [], [], []
-        rows = cols = matrices = start = 0
-        for t, shape in enumerate(layout.shapes):
-            if len(shape) >= 2:
-                batch = int(np.prod(shape[:-2], dtype=np.int64))
-                a, b = shape[-2], shape[-1]
-            else:
-                batch, a, b = 1, int(np.prod(shape, dtype=np.int64)), 1
-            n = batch * a * b
-            if blocked:
-                nblocks = int(layout.blocks_per_tensor[t])
-                start_t = np.arange(nblocks, dtype=np.int64) * layout.block
-                values = (
-                    n - start_t,  # real entries from the block's start
-                    b,
-                    a * b,
-                    rows + start_t // b,  # row of the block's first entry
-                    start_t % b,
-                    cols,
-                    start_t // (a * b),  # matrix of the block's first entry
-                    start_t % (a * b),
-                )
-                for table, value in zip(tables, values, strict=True):
-                    table.append(np.broadcast_to(value, (nblocks,)))
-            else:
-                local = np.arange(n)
-                entry_rows[start : start + n] = rows + local // b
-                entry_cols[start : start + n] = (
-                    cols + (local // (a * b)) * b + local % b
-                )
-                start += n
-            row_parts.append(matrices + np.repeat(np.arange(batch), a))
-            col_parts.append(np.full((batch * b,), t))
-            mat_parts.append(np.full((batch,), t))
-            row_size.append(np.full((batch * a,), b))
-            col_size.append(np.full((batch * b,), a))
-            rows, cols, matrices = rows + batch * a, cols + batch * b, matrices + batch
-        if rows >= 2**31 or cols >= 2**31:
-            raise ValueError(f"too many rows ({rows}) or columns ({cols}) for int32")
-
-        def cat(parts, dtype):
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-        common = dict(
-            row_matrix=cat(row_parts, np.int32),
-            col_tensor=cat(col_parts, np.int32),
-            row_size=cat(row_size, np.float32),
-            col_size=cat(col_size, np.float32),
-            matrix_tensor=cat(mat_parts, np.int32),
-            num_tensors=len(layout.shapes),
-        )
-        if blocked:
-            return cls(
-                **common,
-                block_tables=tuple(cat(table, np.int32) for table in tables),
-                block=layout.block,
-            )
-        return cls(
-            **common,
-            entry_rows=entry_rows.astype(np.int32),
-            entry_cols=entry_cols.astype(np.int32),
-        )
-
-
-class FactoredStats(NamedTuple):
-    """Row and column EMAs of the squared gradient at several decays.
-
-    rows: (num_decays, num_rows) means over each row; cols: (num_decays, num_cols)
-    means over each column.
+    rows: `(num_decays, batch, rows)` means over each row of the `matrix_view`;
+    cols: `(num_decays, batch, cols)` means over each column.
     """
 
     rows: jax.Array
     cols: jax.Array
 
 
-def init_factored_stats(index: FactoredIndex, num_decays: int) -> FactoredStats:
-    return FactoredStats(
-        rows=jnp.zeros((num_decays, index.num_rows), jnp.float32),
-        cols=jnp.zeros((num_decays, index.num_cols), jnp.float32),
+def init_factored(shape: Sequence[int], num_decays: int) -> FactoredMoments:
+    batch, rows, cols = matrix_shape(shape)
+    return FactoredMoments(
+        rows=jnp.zeros((num_decays, batch, rows), jnp.float32),
+        cols=jnp.zeros((num_decays, batch, cols), jnp.float32),
     )
 
 
-def update_factored_stats(
-    stats: FactoredStats,
-    grad_sq: jax.Array,
-    index: FactoredIndex,
-    decays: Sequence[float],
-) -> FactoredStats:
-    """One EMA step of the row and column means of `grad_sq` (the flat g**2).
+def update_factored(
+    state: FactoredMoments, grad_sq: jax.Array, decays: Sequence[float]
+) -> FactoredMoments:
+    """One EMA step of the row and column means of `grad_sq` (one tensor's g**2).
 
     Example:
-        >>> layout = TensorLayout.of({"w": jnp.zeros((2, 2))})
-        >>> index = FactoredIndex.of(layout)
-        >>> s = update_factored_stats(init_factored_stats(index, 1),
-        ...     jnp.array([1.0, 3.0, 5.0, 7.0]), index, decays=(0.0,))
+        >>> s = update_factored(init_factored((2, 2), 1),
+        ...     jnp.array([[1.0, 3.0], [5.0, 7.0]]), decays=(0.0,))
         >>> s.rows.tolist(), s.cols.tolist()
-        ([[2.0, 6.0]], [[3.0, 5.0]])
+        ([[[2.0, 6.0]]], [[[3.0, 5.0]]])
     """
-    flat = grad_sq.reshape(-1)
-    row_ids, col_ids = (x.reshape(-1) for x in index.ids())
-    row_sum = jax.ops.segment_sum(
-        flat, row_ids, num_segments=index.num_rows + 1, indices_are_sorted=True
-    )[: index.num_rows]
-    col_sum = jax.ops.segment_sum(flat, col_ids, num_segments=index.num_cols + 1)[
-        : index.num_cols
-    ]
-    row_mean = row_sum / np.maximum(index.row_size, 1.0)
-    col_mean = col_sum / np.maximum(index.col_size, 1.0)
-    d = jnp.asarray(decays, jnp.float32)[:, None]
-    return FactoredStats(
-        rows=d * stats.rows + (1.0 - d) * row_mean,
-        cols=d * stats.cols + (1.0 - d) * col_mean,
+    mat = matrix_view(grad_sq)
+    d = jnp.asarray(decays, jnp.float32)[:, None, None]
+    return FactoredMoments(
+        rows=d * state.rows + (1.0 - d) * jnp.mean(mat, axis=2)[None],
+        cols=d * state.cols + (1.0 - d) * jnp.mean(mat, axis=1)[None],
     )
 
 
-def factored_row_factors(
-    stats: FactoredStats, index: FactoredIndex, eps: float = 1e-30
-) -> jax.Array:
-    """Rows divided by the mean row of their matrix: `(num_decays, num_rows)`.
+def factored_factors(state: FactoredMoments, eps: float = 1e-30):
+    """Row factors, column factors and the mean column of each decay.
 
-    The factored second moment of an entry is `row_factor[row] * cols[col]`.
+    The Adafactor estimate of an entry's second moment is
+    `row_factor[row] * col_factor[col] * col_mean`, with rows relative to the mean
+    row of their matrix and columns relative to the tensor's mean column.
+
+    Returns:
+        `(num_decays, batch, rows)`, `(num_decays, batch, cols)`, `(num_decays,)`.
     """
-    matrix_sum = jax.ops.segment_sum(
-        stats.rows.T,
-        index.row_matrix,
-        num_segments=index.num_matrices,
-        indices_are_sorted=True,
-    ).T
-    rows_per_matrix = np.maximum(
-        np.bincount(index.row_matrix, minlength=index.num_matrices), 1
-    ).astype(np.float32)
-    matrix_mean = matrix_sum / rows_per_matrix
-    return stats.rows / (jnp.take(matrix_mean, index.row_matrix, axis=1) + eps)
+    row_factor = state.rows / (jnp.mean(state.rows, axis=2, keepdims=True) + eps)
+    col_mean = jnp.mean(state.cols, axis=(1, 2))
+    col_factor = state.cols / (col_mean[:, None, None] + eps)
+    return row_factor, col_factor, col_mean
 
 
-def factored_second_moment(
-    stats: FactoredStats, index: FactoredIndex, eps: float = 1e-30
-) -> jax.Array:
-    """The Adafactor estimate `row * col / mean(row)` of each entry: `(decays, n)`.
+def factored_second_moment(state: FactoredMoments, shape: Sequence[int]) -> jax.Array:
+    """The Adafactor estimate `row * col / mean(row)`: `(num_decays, *shape)`.
+
+    Exact for a rank-one `g**2` and for vectors (each entry is its own row).
 
     Example:
-        >>> layout = TensorLayout.of({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
-        >>> index = FactoredIndex.of(layout)
-        >>> g2 = jnp.array([2.0, 3.0, 1.0, 1.0, 4.0, 4.0])  # leaves "b", then "w"
-        >>> s = update_factored_stats(init_factored_stats(index, 1), g2, index, (0.0,))
-        >>> factored_second_moment(s, index).round(2).tolist()  # exact at rank one
-        [[2.0, 3.0, 1.0, 1.0, 4.0, 4.0]]
+        >>> s = update_factored(init_factored((3,), 1), jnp.array([2.0, 3.0, 1.0]),
+        ...     decays=(0.0,))
+        >>> factored_second_moment(s, (3,)).round(2).tolist()
+        [[2.0, 3.0, 1.0]]
     """
-    row_factor = factored_row_factors(stats, index, eps)
-    row_ids, col_ids = (x.reshape(-1) for x in index.ids())
-    return jnp.take(row_factor, row_ids, axis=1) * jnp.take(stats.cols, col_ids, axis=1)
+    row_factor, col_factor, col_mean = factored_factors(state)
+    v_hat = (
+        row_factor[..., :, None]
+        * col_factor[..., None, :]
+        * col_mean[:, None, None, None]
+    )
+    return v_hat.reshape((-1, *shape))
+
+
+#: the largest per-parameter MLP (multiply-adds per parameter) that runs as one fused
+#: elementwise pass; past it XLA splits the pass and duplicates work between pieces
+FUSED_MAX_MULTIPLY_ADDS = 600
+
+
+def mlp_multiply_adds(sizes: Sequence[int]) -> int:
+    """Multiply-adds per input row of a dense MLP with layer widths `sizes`.
+
+    Example:
+        >>> mlp_multiply_adds((30, 4, 4, 2))
+        144
+    """
+    return sum(int(a) * int(b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+# -- tensors grouped by shape ------------------------------------------------------
+
+
+class Group(NamedTuple):
+    """Leaves of one shape: their indices and their first row in tensor order."""
+
+    shape: tuple[int, ...]
+    leaves: tuple[int, ...]
+    start: int
+
+    @property
+    def rows(self) -> slice:
+        """This group's rows in tensor order."""
+        return slice(self.start, self.start + len(self.leaves))
+
+    def stack(self, leaves) -> jax.Array:
+        """This group's leaves stacked `(len(leaves), *shape)` (no copy for one)."""
+        picked = [leaves[i] for i in self.leaves]
+        if len(picked) == 1:
+            return picked[0][None]
+        return jnp.stack([x.astype(jnp.float32) for x in picked])
+
+
+class ShapeGroups(tuple):
+    """A pytree's leaves grouped by shape, in order of first appearance.
+
+    Tensors are numbered group by group ("tensor order"), and each group's
+    per-parameter work is one vmapped program (`map`), so the compiled update grows
+    with the number of distinct shapes, not of tensors, and reads every tensor where
+    it is (no flat copy of the pytree) with its per-tensor values as scalars.
+
+    Example:
+        >>> groups = ShapeGroups.of({"a": jnp.ones(3), "b": jnp.ones(2),
+        ...     "c": jnp.ones(3)})
+        >>> [(g.shape, g.leaves) for g in groups], groups.leaf_rows.tolist()
+        ([((3,), (0, 2)), ((2,), (1,))], [0, 2, 1])
+    """
+
+    @classmethod
+    def of(cls, tree) -> ShapeGroups:
+        members: dict[tuple[int, ...], list[int]] = {}
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+            members.setdefault(tuple(int(d) for d in jnp.shape(leaf)), []).append(i)
+        groups, start = [], 0
+        for shape, leaves in members.items():
+            groups.append(Group(shape, tuple(leaves), start))
+            start += len(leaves)
+        return cls(groups)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(g.leaves) for g in self)
+
+    @property
+    def tensor_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes in tensor order."""
+        return [g.shape for g in self for _ in g.leaves]
+
+    @property
+    def leaf_rows(self) -> np.ndarray:
+        """For each leaf (pytree order), its row in tensor order."""
+        rows = np.empty(self.num_tensors, np.int32)
+        for g in self:
+            rows[list(g.leaves)] = np.arange(g.start, g.start + len(g.leaves))
+        return rows
+
+    def map(self, fn, flag: jax.Array, group_args) -> list[jax.Array]:
+        """`fn` vmapped over each group's members; one array per leaf, leaf order.
+
+        group_args: one tuple of arguments per group, each with a leading member
+        axis. `flag` is a traced True for `compute_once`: a group of several
+        members is computed once into one buffer, not once inside each leaf's slice.
+        """
+        out = [None] * self.num_tensors
+        for group, args in zip(self, group_args, strict=True):
+            if len(group.leaves) > 1:
+                result = compute_once(jax.vmap(fn), flag, *args)
+            else:
+                result = jax.vmap(fn)(*args)
+            for k, leaf in enumerate(group.leaves):
+                out[leaf] = result[k]
+        return out
 
 
 # -- compilation helpers ------------------------------------------------------------

@@ -14,10 +14,11 @@ The expensive part runs once per tensor, the cheap part once per parameter:
    of every parameter and outputs a direction `d` and a log-magnitude `m`; the step is
    `lr_mult * d * exp(exp_mult * m) * step_mult * max(rms(p), param_scale_floor)`.
 
-Everything runs on one block-padded flat vector (`features.BlockLayout`): per-tensor
-values reach the parameters as broadcasts along the block axis and per-tensor
-statistics are block reductions, so the compiled update has the same ops whatever
-the number of tensors (only the concatenate / split of the pytree grows).
+The per-tensor network runs once for all tensors (a batch of rows). The
+per-parameter work is one fused elementwise pass per tensor, which reads the gradient,
+parameter and accumulators where they are (no flat copy of the pytree) with the
+tensor's generated weights as scalars; inputs that are constant along a row or a
+column (the factored second moments) enter the first layer once per row or column.
 
 Each per-parameter feature channel is divided by a per-tensor scale of its base
 quantity (rms of the gradient, of each momentum, of the root second moment, the
@@ -29,7 +30,6 @@ rescaling a tensor's gradient or parameters.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -45,8 +45,9 @@ from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
 class HierarchicalState(NamedTuple):
     """Optimizer state.
 
-    count: steps taken. stats: momenta and diagonal second moment of the padded
-    flat gradient. factored: row / column second moments. loss: loss EMAs.
+    count: steps taken. Per tensor, in leaf order: momenta `(num_momenta, *shape)`,
+    second_moment `(*shape)` and factored row / column second moments
+    (`features.FactoredMoments`). loss: loss EMAs.
     tensor_means: per-tensor means of each momentum and of the second moment,
     shape (num_momenta + 1, num_tensors): EMAs are linear, so these are EMAs of the
     per-tensor mean gradient and squared gradient, with no pass over the parameters.
@@ -54,17 +55,13 @@ class HierarchicalState(NamedTuple):
     """
 
     count: jax.Array
-    stats: F.GradientStats
-    factored: F.FactoredStats
+    momenta: tuple[jax.Array, ...]
+    second_moment: tuple[jax.Array, ...]
+    factored: tuple[F.FactoredMoments, ...]
     loss: F.LossEMAState
     tensor_means: jax.Array
     lstm_h: jax.Array
     lstm_c: jax.Array
-
-
-@functools.lru_cache(maxsize=64)
-def _factored_index(layout: F.BlockLayout) -> F.FactoredIndex:
-    return F.FactoredIndex.of(layout)
 
 
 class _NormalStream:
@@ -105,7 +102,6 @@ class HierarchicalLOpt(LearnedOptimizer):
         exp_mult: alpha in `d * exp(alpha * m)`.
         step_mult: beta, the base step relative to the parameter scale.
         param_scale_floor: floor on `rms(p)` so that zero-initialised tensors move.
-        block_size: entries per block of the padded flat layout.
         bank_noise: spread of the bank members around their shared initialisation.
 
     The initial `theta` behaves like momentum normalised by the root second moment
@@ -137,21 +133,18 @@ class HierarchicalLOpt(LearnedOptimizer):
         exp_mult: float = 0.001,
         step_mult: float = 0.01,
         param_scale_floor: float = 0.01,
-        block_size: int = 128,
         bank_noise: float = 0.1,
     ):
         for what, value in (
             ("lstm_size", lstm_size),
             ("bank_size", bank_size),
             ("mix_size", mix_size),
-            ("block_size", block_size),
         ):
             if int(value) != value or value < 1:
                 raise ValueError(f"{what} must be a positive integer, got {value!r}")
         self.lstm_size = int(lstm_size)
         self.bank_size = int(bank_size)
         self.mix_size = int(mix_size)
-        self.block_size = int(block_size)
         self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ValueError(
@@ -179,6 +172,13 @@ class HierarchicalLOpt(LearnedOptimizer):
         self.step_mult = float(step_mult)
         self.param_scale_floor = float(param_scale_floor)
         self.bank_noise = float(bank_noise)
+        fmas = F.mlp_multiply_adds(self._mlp_sizes)
+        if fmas > F.FUSED_MAX_MULTIPLY_ADDS:
+            raise ValueError(
+                f"hidden_sizes {hidden_sizes!r} give the per-parameter MLP {fmas} "
+                f"multiply-adds per parameter; at most {F.FUSED_MAX_MULTIPLY_ADDS} run "
+                "as one fused pass (VeLO uses (4, 4); (8, 8) fits)"
+            )
 
     def config(self):
         return {
@@ -192,7 +192,6 @@ class HierarchicalLOpt(LearnedOptimizer):
             "exp_mult": self.exp_mult,
             "step_mult": self.step_mult,
             "param_scale_floor": self.param_scale_floor,
-            "block_size": self.block_size,
             "bank_noise": self.bank_noise,
         }
 
@@ -277,14 +276,17 @@ class HierarchicalLOpt(LearnedOptimizer):
 
     # -- the per-tensor network ------------------------------------------------------
 
-    def tensor_inputs(self, sums, layout, loss_state, count, num_steps):
+    def tensor_inputs(self, sums, shapes, loss_state, count, num_steps):
         """Per-tensor LSTM inputs `(num_tensors, num_tensor_features)`.
 
-        `sums` are per-tensor means from `_tensor_sums`.
+        `sums` are the per-tensor means of `_statistics`; `shapes` the tensors' shapes.
         """
+        sizes = np.asarray([max(int(np.prod(s)), 1) for s in shapes], np.float64)
         nm = len(self.momentum_decays)
         scale_p = jnp.maximum(jnp.sqrt(sums["p2"]), self.param_scale_floor)
-        var = lambda mean, mean_sq: jnp.maximum(mean_sq - mean**2, 0.0)
+        # a spread below float32's resolution of mean_sq - mean**2 is rounding noise
+        # that differs between compiled programs: floor it at that resolution
+        var = lambda mean, mean_sq: jnp.maximum(mean_sq - mean**2, 1e-6 * mean_sq)
         cols = [
             F.symlog_feature(sums["g"] / scale_p),
             F.log_feature(jnp.sqrt(var(sums["g"], sums["g2"])) / scale_p),
@@ -299,10 +301,13 @@ class HierarchicalLOpt(LearnedOptimizer):
             # the current gradient scale relative to its running average
             F.log_feature(0.1 * jnp.sqrt(sums["g2"] / (sums["v"] + 1e-30))),
             F.log_feature(jnp.sqrt(sums["p2"])),
-            jnp.asarray(np.log(np.maximum(layout.sizes, 1)) / 10.0, jnp.float32),
+            jnp.asarray(np.log(sizes) / 10.0, jnp.float32),
         ]
         per_tensor = jnp.concatenate(
-            [jnp.stack(cols, axis=1), jnp.asarray(F.rank_one_hot(layout.ranks))],
+            [
+                jnp.stack(cols, axis=1),
+                jnp.asarray(F.rank_one_hot([len(s) for s in shapes])),
+            ],
             axis=1,
         )
         shared = jnp.concatenate(
@@ -311,7 +316,7 @@ class HierarchicalLOpt(LearnedOptimizer):
                 F.loss_features(loss_state),
             ]
         )
-        shared = jnp.broadcast_to(shared, (layout.num_tensors, shared.shape[0]))
+        shared = jnp.broadcast_to(shared, (len(shapes), shared.shape[0]))
         return jnp.concatenate([shared, per_tensor], axis=1)
 
     def tensor_network(self, theta, inputs, lstm_h, lstm_c):
@@ -355,98 +360,160 @@ class HierarchicalLOpt(LearnedOptimizer):
             start += n
         return out
 
-    def per_param_mlp(self, features, weights):
-        """Applies per-block MLP weights `(num_blocks, num_mlp_weights)`.
+    def per_param_mlp(self, features, row_features, col_features, weights):
+        """One tensor's generated MLP: returns (direction, log-magnitude).
 
-        features: list of `(num_blocks, block)` arrays. Written as broadcasts and
-        sums, not a batched dot, so that XLA fuses the whole MLP with the feature
-        computation into one pass over the parameters.
+        features: per-entry inputs `(batch, rows, cols)` in the order of
+        `param_features`; row_features / col_features: `{input index: (batch, rows)
+        or (batch, cols)}` for the inputs that are constant along a row or a column,
+        whose first-layer terms are computed once per row or column and broadcast.
+        weights: this tensor's `(num_mlp_weights,)`. Written as scalar-times-array
+        sums so that XLA fuses the whole MLP with the features into one pass.
         """
         w = self._unpack_weights(weights)
-        hidden = features
+        w0, b0 = w["w0"], w["b0"]
+        hidden = []
+        for j in range(w0.shape[1]):
+            row = sum(w0[k, j] * x for k, x in row_features.items()) + b0[j]
+            col = sum(w0[k, j] * x for k, x in col_features.items())
+            acc = row[:, :, None] + col[:, None, :]
+            for k, x in features.items():
+                acc = acc + w0[k, j] * x
+            hidden.append(acc)
         num_layers = len(self.hidden_sizes) + 1
-        for layer in range(num_layers):
+        for layer in range(1, num_layers):
+            hidden = [jax.nn.relu(h) for h in hidden]
             wl, bl = w[f"w{layer}"], w[f"b{layer}"]
-            outputs = []
-            for j in range(wl.shape[-1]):
-                acc = bl[:, j, None]
-                for k, h in enumerate(hidden):
-                    acc = acc + wl[:, k, j, None] * h
-                outputs.append(acc)
-            hidden = (
-                outputs
-                if layer == num_layers - 1
-                else [jax.nn.relu(o) for o in outputs]
-            )
+            hidden = [
+                sum((wl[k, j] * h for k, h in enumerate(hidden)), bl[j])
+                for j in range(wl.shape[1])
+            ]
         return hidden[0], hidden[1]
 
-    def param_features(self, g, p, stats, fac_rows, fac_cols, scales):
-        """The per-parameter MLP inputs, each `(num_blocks, block)`.
+    def param_features(self, g, p, momenta, v, factored, scales):
+        """One tensor's MLP inputs, split by how they vary.
 
-        Per-tensor scales in `scales` are `(num_blocks, 1)` arrays.
+        g, p, v: `(batch, rows, cols)` (the `matrix_view`); momenta: a stack of those;
+        factored: `(row_factor, col_factor, col_mean)` of `F.factored_factors`;
+        scales: this tensor's scalars.
+
+        Returns:
+            (per-entry `{index: array}`, per-row `{index: (batch, rows)}`,
+            per-column `{index: (batch, cols)}`), indices in the order of the inputs.
         """
-        m, v = stats.momenta, stats.second_moment
         nm = len(self.momentum_decays)
         rinv_v = jax.lax.rsqrt(v + scales["eps_v"])
         g_n = g * scales["inv_rms_g"]
         feats = [g_n, jnp.clip(g_n, -1.0, 1.0), p * scales["inv_scale_p"]]
-        feats += [m[d] * scales["inv_rms_m"][d] for d in range(nm)]
+        feats += [momenta[d] * scales["inv_rms_m"][d] for d in range(nm)]
         feats.append(jnp.sqrt(v) * scales["inv_rms_sv"])
-        feats += [m[d] * rinv_v for d in range(nm)]
+        feats += [momenta[d] * rinv_v for d in range(nm)]
         feats += [rinv_v * scales["rms_sv"], g * rinv_v]
+        entries = dict(enumerate(feats))
+        rows, cols = {}, {}
+        row_factor, col_factor, col_mean = factored
+        inv_rms_c = jax.lax.rsqrt(col_mean + 1e-30)
         for d in range(len(self.factored_decays)):
-            r, c = fac_rows[d], fac_cols[d]
+            base = len(feats) + 6 * d
+            r, c = row_factor[d], col_factor[d]
             r_root, c_root = jax.lax.rsqrt(r + 1e-3), jax.lax.rsqrt(c + 1e-3)
-            ada = r_root * c_root * scales["inv_rms_c"][d]
-            feats += [r, c, r_root, c_root, g * ada, m[min(d, nm - 1)] * ada]
-        return feats
+            rows[base], cols[base + 1] = r, c
+            rows[base + 2], cols[base + 3] = r_root, c_root
+            ada = (r_root * inv_rms_c[d])[:, :, None] * c_root[:, None, :]
+            entries[base + 4] = g * ada
+            entries[base + 5] = momenta[min(d, nm - 1)] * ada
+        return entries, rows, cols
 
     # -- the transform ---------------------------------------------------------------
 
-    def _tensor_sums(self, layout, g, p, stats, tensor_means):
-        """Per-tensor means of g, g^2, p^2, the momenta and their squares, and v.
+    def _tensor_statistics(self, g, p, momenta, v, factored):
+        """One tensor's new accumulators and the means the LSTM reads.
 
-        Means of the momenta and of v are EMAs of the mean g and g^2 (EMAs are
-        linear), carried in `tensor_means`; the rest are one block reduction each.
+        g, p: the tensor; momenta `(num_momenta, *shape)`, v, factored: its state.
 
         Returns:
-            (sums, updated tensor_means)
+            ((g, p, momenta, v, factored) in `matrix_view` shape, means) where means
+            holds the tensor's mean g, g^2, p^2 and each momentum's mean square.
         """
-        m = stats.momenta
+        g = F.matrix_view(F.clip_gradient(g.astype(jnp.float32)))
+        p = F.matrix_view(p.astype(jnp.float32))
+        decays = np.asarray(self.momentum_decays, np.float32)[:, None, None, None]
+        b2 = self.second_moment_decay
+        # all momenta in one array: one pass, and no copy into the new state
+        momenta = decays * momenta.reshape(-1, *g.shape) + (1.0 - decays) * g
+        v = b2 * F.matrix_view(v) + (1.0 - b2) * g * g
+        factored = F.update_factored(factored, g * g, self.factored_decays)
+        inv = 1.0 / max(g.size, 1)
+        means = {
+            "g": jnp.sum(g) * inv,
+            "g2": jnp.sum(g * g) * inv,
+            "p2": jnp.sum(p * p) * inv,
+            "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
+        }
+        return (g, p, momenta, v, factored), means
+
+    def _tensor_step(self, tensor, scales, weights):
+        """One tensor's update from its `_tensor_statistics`, scalars and weights."""
+        g, p, momenta, v, factored = tensor
+        features = self.param_features(
+            g, p, momenta, v, F.factored_factors(factored), scales
+        )
+        direction, magnitude = self.per_param_mlp(*features, weights)
+        return direction * jnp.exp(self.exp_mult * magnitude) * scales["step"]
+
+    def _statistics(self, state, groups, grads, params):
+        """Every group's accumulators and the per-tensor means (in tensor order).
+
+        Returns:
+            (per-group stacked `_tensor_statistics`, sums, tensor_means).
+        """
         nm = len(self.momentum_decays)
-        sizes = np.maximum(np.asarray(layout.sizes, np.float32), 1.0)
-        # padding entries of g, p and m are 0, so no mask is needed
-        mean = lambda x: layout.tensor_sum(x, masked=False) / sizes
-        g_mean, g2_mean = mean(g), mean(g * g)
+        per_group, means = [], []
+        for group, m, v, fac in zip(
+            groups, state.momenta, state.second_moment, state.factored, strict=True
+        ):
+            tensors, group_means = jax.vmap(self._tensor_statistics)(
+                group.stack(grads), group.stack(params), m, v, fac
+            )
+            per_group.append(tensors)
+            means.append(group_means)
+        sums = {k: jnp.concatenate([x[k] for x in means], axis=0) for k in means[0]}
+        sums["m2"] = sums["m2"].T  # (num_momenta, num_tensors)
+        # EMAs are linear: the mean momentum and second moment of a tensor are EMAs
+        # of its mean gradient and mean squared gradient (no pass over the entries)
         decays = jnp.asarray(
             (*self.momentum_decays, self.second_moment_decay), jnp.float32
         )[:, None]
         target = jnp.concatenate(
-            [jnp.broadcast_to(g_mean, (nm, g_mean.shape[0])), g2_mean[None]]
+            [jnp.broadcast_to(sums["g"], (nm, sums["g"].shape[0])), sums["g2"][None]]
         )
-        tensor_means = decays * tensor_means + (1.0 - decays) * target
-        sums = {
-            "g": g_mean,
-            "g2": g2_mean,
-            "p2": mean(p * p),
-            "m": tensor_means[:nm],
-            "m2": jnp.stack([mean(m[d] * m[d]) for d in range(nm)]),
-            "v": tensor_means[nm],
-        }
-        return sums, tensor_means
+        tensor_means = decays * state.tensor_means + (1.0 - decays) * target
+        sums["m"], sums["v"] = tensor_means[:nm], tensor_means[nm]
+        return per_group, sums, tensor_means
 
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
         nm, nf = len(self.momentum_decays), len(self.factored_decays)
 
         def init_fn(params):
-            layout = F.BlockLayout.of(params, self.block_size)
-            index = _factored_index(layout)
-            t = layout.num_tensors
+            groups = F.ShapeGroups.of(params)
+            t = groups.num_tensors
+            stacked = lambda g, shape: (len(g.leaves), *shape)
             return HierarchicalState(
                 count=jnp.zeros((), jnp.int32),
-                stats=F.init_gradient_stats(layout.padded_size, nm),
-                factored=F.init_factored_stats(index, nf),
+                momenta=tuple(
+                    jnp.zeros(stacked(g, (nm, *g.shape)), jnp.float32) for g in groups
+                ),
+                second_moment=tuple(
+                    jnp.zeros(stacked(g, g.shape), jnp.float32) for g in groups
+                ),
+                factored=tuple(
+                    jax.tree.map(
+                        lambda x, g=g: jnp.broadcast_to(x, stacked(g, x.shape)),
+                        F.init_factored(g.shape, nf),
+                    )
+                    for g in groups
+                ),
                 loss=F.init_loss_emas(),
                 tensor_means=jnp.zeros((nm + 1, t), jnp.float32),
                 lstm_h=jnp.broadcast_to(theta["lstm_init"]["h"], (t, self.lstm_size)),
@@ -460,102 +527,68 @@ class HierarchicalLOpt(LearnedOptimizer):
                     "HierarchicalLOpt reads the parameters: call "
                     "update(grads, state, params)"
                 )
-            layout = F.BlockLayout.of(updates, self.block_size)
+            grads, treedef = jax.tree_util.tree_flatten(updates)
             count = optax.safe_increment(state.count)
             loss_state = F.update_loss_emas(state.loss, value, num_steps)
-            if layout.total_size == 0:
+            if not grads:
                 return updates, state._replace(count=count, loss=loss_state)
-            index = _factored_index(layout)
-            shape = (layout.num_blocks, layout.block)
-            flag = state.count >= 0  # always True; see F.compute_once
-            g = F.clip_gradient(layout.flatten(updates))
-            p = layout.flatten(params)
-            flat = F.update_gradient_stats(
-                state.stats,
-                g.reshape(-1),
-                momentum_decays=self.momentum_decays,
-                second_moment_decay=self.second_moment_decay,
-            )
-            stats = F.GradientStats(
-                flat.momenta.reshape((nm, *shape)), flat.second_moment.reshape(shape)
-            )
-            factored = F.update_factored_stats(
-                state.factored, g * g, index, self.factored_decays
-            )
-            sums, tensor_means = self._tensor_sums(
-                layout, g, p, stats, state.tensor_means
+            groups = F.ShapeGroups.of(updates)
+            per_group, sums, tensor_means = self._statistics(
+                state, groups, grads, treedef.flatten_up_to(params)
             )
 
-            # per-tensor network
+            # the per-tensor network, batched over tensors
             inputs = self.tensor_inputs(
-                sums, layout, loss_state, state.count, num_steps
+                sums, groups.tensor_shapes, loss_state, state.count, num_steps
             )
             weights, lr_mult, lstm_h, lstm_c = self.tensor_network(
                 theta, inputs, state.lstm_h, state.lstm_c
             )
-
-            # factored factors: rows relative to their matrix, columns to their tensor
-            row_factor = F.factored_row_factors(factored, index)
-            col_sum = jax.ops.segment_sum(
-                factored.cols.T, index.col_tensor, num_segments=layout.num_tensors
-            ).T
-            cols_per_tensor = np.maximum(
-                np.bincount(index.col_tensor, minlength=layout.num_tensors), 1
-            )
-            col_mean = col_sum / cols_per_tensor.astype(np.float32)
-            col_factor = factored.cols / (
-                jnp.take(col_mean, index.col_tensor, axis=1) + 1e-30
-            )
-            # gathered once: inside the per-parameter pass gathers stop vectorisation
-            # (one 1-D gather per decay: a batched gather costs a transpose on CPU)
-            fac_rows, fac_cols = F.compute_once(
-                lambda r, c, ri, ci: (
-                    [jnp.take(x, ri) for x in r],
-                    [jnp.take(x, ci) for x in c],
-                ),
-                flag,
-                row_factor,
-                col_factor,
-                *index.ids(),
-            )
-
             scale_p = jnp.maximum(jnp.sqrt(sums["p2"]), self.param_scale_floor)
-            per_tensor = {
+            scales = {
                 "inv_rms_g": jax.lax.rsqrt(sums["g2"] + 1e-30),
                 "inv_scale_p": 1.0 / scale_p,
-                "inv_rms_m": jax.lax.rsqrt(sums["m2"] + 1e-30),
+                "inv_rms_m": jax.lax.rsqrt(sums["m2"] + 1e-30).T,
                 "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
                 "rms_sv": jnp.sqrt(sums["v"]),
                 "eps_v": 1e-8 * sums["v"] + 1e-30,
-                "inv_rms_c": jax.lax.rsqrt(col_mean + 1e-30),
                 "step": lr_mult * self.step_mult * scale_p,
             }
-            scales = {k: layout.broadcast(x) for k, x in per_tensor.items()}
-            block_weights = jnp.take(
-                weights, jnp.asarray(layout.block_tensor_ids), axis=0
-            )
 
-            def param_step(g, p, stats, fac_rows, fac_cols, scales, block_weights):
-                feats = self.param_features(g, p, stats, fac_rows, fac_cols, scales)
-                direction, magnitude = self.per_param_mlp(feats, block_weights)
-                step = direction * jnp.exp(self.exp_mult * magnitude)
-                return step * scales["step"]
-
-            # one pass over the parameters, not one compiled copy per tensor slice
-            step = F.compute_once(
-                param_step, flag, g, p, stats, fac_rows, fac_cols, scales, block_weights
+            # the per-parameter network: one fused pass per group of equal shapes
+            steps = groups.map(
+                self._tensor_step,
+                state.count >= 0,
+                [
+                    (
+                        tensors,
+                        {k: x[g.rows] for k, x in scales.items()},
+                        weights[g.rows],
+                    )
+                    for g, tensors in zip(groups, per_group, strict=True)
+                ],
             )
-            dtypes = [x.dtype for x in jax.tree_util.tree_leaves(updates)]
+            steps = [
+                step.reshape(jnp.shape(g)).astype(jnp.result_type(g))
+                for step, g in zip(steps, grads, strict=True)
+            ]
             new_state = HierarchicalState(
                 count=count,
-                stats=flat,
-                factored=factored,
+                momenta=tuple(
+                    t[2].reshape(len(g.leaves), nm, *g.shape)
+                    for g, t in zip(groups, per_group, strict=True)
+                ),
+                second_moment=tuple(
+                    t[3].reshape(len(g.leaves), *g.shape)
+                    for g, t in zip(groups, per_group, strict=True)
+                ),
+                factored=tuple(t[4] for t in per_group),
                 loss=loss_state,
                 tensor_means=tensor_means,
                 lstm_h=lstm_h,
                 lstm_c=lstm_c,
             )
-            return layout.unflatten(step, dtypes), new_state
+            return jax.tree_util.tree_unflatten(treedef, steps), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -563,31 +596,25 @@ class HierarchicalLOpt(LearnedOptimizer):
         """The per-tensor MLP weights and lr multipliers after one update (inspection).
 
         Returns:
-            (weights, lr_mult): `(num_tensors, num_mlp_weights)` and `(num_tensors,)`.
+            (weights, lr_mult): `(num_tensors, num_mlp_weights)` and `(num_tensors,)`,
+            rows in the order of the pytree's leaves.
         """
         return jax.jit(self._generated_weights)(theta, params, grads, num_steps, value)
 
     def _generated_weights(self, theta, params, grads, num_steps, value):
         opt = self.transform(theta, num_steps)
         state = opt.init(params)
-        layout = F.BlockLayout.of(grads, self.block_size)
-        g = F.clip_gradient(layout.flatten(grads))
-        p = layout.flatten(params)
-        flat = F.update_gradient_stats(
-            state.stats,
-            g.reshape(-1),
-            momentum_decays=self.momentum_decays,
-            second_moment_decay=self.second_moment_decay,
+        groups = F.ShapeGroups.of(grads)
+        leaves, treedef = jax.tree_util.tree_flatten(grads)
+        _, sums, _ = self._statistics(
+            state, groups, leaves, treedef.flatten_up_to(params)
         )
-        shape = (layout.num_blocks, layout.block)
-        stats = F.GradientStats(
-            flat.momenta.reshape((len(self.momentum_decays), *shape)),
-            flat.second_moment.reshape(shape),
-        )
-        sums, _ = self._tensor_sums(layout, g, p, stats, state.tensor_means)
         loss_state = F.update_loss_emas(state.loss, value, num_steps)
-        inputs = self.tensor_inputs(sums, layout, loss_state, state.count, num_steps)
+        inputs = self.tensor_inputs(
+            sums, groups.tensor_shapes, loss_state, state.count, num_steps
+        )
         weights, lr_mult, _, _ = self.tensor_network(
             theta, inputs, state.lstm_h, state.lstm_c
         )
-        return weights, lr_mult
+        order = groups.leaf_rows
+        return weights[order], lr_mult[order]

@@ -21,10 +21,13 @@ from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
 
 
 class MLPLOptState(NamedTuple):
-    """Optimizer state: a step counter and the flat gradient statistics."""
+    """Optimizer state: a step counter and, per group of equal-shape tensors
+    (`features.ShapeGroups`), the momenta `(members, num_momenta, *shape)` and the
+    second moment `(members, *shape)`."""
 
     count: jax.Array
-    stats: F.GradientStats
+    momenta: tuple[jax.Array, ...]
+    second_moment: tuple[jax.Array, ...]
 
 
 def _dense_init(key, fan_in, fan_out, scale=1.0):
@@ -121,30 +124,106 @@ class MLPLOpt(LearnedOptimizer):
         theta["skip"] = {"w": jnp.zeros((self.num_param_features, 2))}
         return theta
 
-    def param_features(self, grad, param, stats: F.GradientStats, layout):
-        """Per-parameter inputs (num_param_features, N), RMS-normalised per tensor."""
-        inv_rms = 1.0 / (jnp.sqrt(stats.second_moment) + 1e-8)
-        rows = jnp.concatenate(
-            [
-                grad[None],
-                param[None],
-                stats.momenta,
-                jnp.sqrt(stats.second_moment)[None],
-                (grad * inv_rms)[None],
-                stats.momenta * inv_rms,
-            ]
+    def param_features(self, grad, param, momenta, second_moment) -> list[jax.Array]:
+        """One tensor's inputs (each of its shape), before normalisation.
+
+        g, p, the momenta, sqrt(v), g / sqrt(v) and the momenta / sqrt(v); each is
+        then divided by its RMS over the tensor (`_tensor_statistics`).
+        """
+        root = jnp.sqrt(second_moment)
+        inv_root = 1.0 / (root + 1e-8)
+        nm = len(self.momentum_decays)
+        return [
+            grad,
+            param,
+            *(momenta[d] for d in range(nm)),
+            root,
+            grad * inv_root,
+            *(momenta[d] * inv_root for d in range(nm)),
+        ]
+
+    def _tensor_statistics(self, grad, param, momenta, second_moment):
+        """One tensor's new accumulators and the RMS of each input feature."""
+        grad = F.clip_gradient(grad.astype(jnp.float32))
+        param = param.astype(jnp.float32)
+        decays = jnp.asarray(self.momentum_decays, jnp.float32).reshape(
+            (-1,) + (1,) * grad.ndim
         )
-        return F.normalize_per_tensor(rows, layout)
+        b2 = self.second_moment_decay
+        momenta = decays * momenta + (1.0 - decays) * grad
+        second_moment = b2 * second_moment + (1.0 - b2) * grad * grad
+        feats = self.param_features(grad, param, momenta, second_moment)
+        rms = jnp.stack([jnp.sqrt(jnp.mean(f * f) + 1e-8) for f in feats])
+        return (grad, param, momenta, second_moment), rms
+
+    @property
+    def fused(self) -> bool:
+        """Whether the MLP runs as one elementwise pass (small MLPs, the default).
+
+        Unrolled into scalar-times-array sums, a small MLP fuses with its features
+        into one pass that keeps every activation in registers. Past about 600
+        multiply-adds per parameter XLA splits that pass and duplicates work between
+        the pieces (compilation grows without bound), so larger MLPs run as
+        feature-major matrix products instead.
+        """
+        sizes = (self.num_param_features, *self.hidden_sizes, 2)
+        skip = 2 * self.num_param_features
+        return F.mlp_multiply_adds(sizes) + skip <= F.FUSED_MAX_MULTIPLY_ADDS
+
+    def _tensor_step(self, tensor, weights):
+        """One tensor's update: the MLP with this tensor's folded weights.
+
+        weights: the MLP's layers with the first layer and the skip connection
+        divided by this tensor's feature RMS (so the features are normalised
+        without a pass of their own) and the time features folded into the bias.
+        """
+        feats = self.param_features(*tensor)
+        layers = [(weights["w0"], weights["b0"])]
+        layers += [
+            (weights[f"layer_{i}"]["w"], weights[f"layer_{i}"]["b"])
+            for i in range(1, len(self.hidden_sizes))
+        ]
+        layers.append((weights["out_w"], weights["out_b"]))
+        if not self.fused:
+            x = jnp.stack([f.reshape(-1) for f in feats])  # (features, entries)
+            hidden = x
+            for w, b in layers[:-1]:
+                hidden = jax.nn.relu(w.T @ hidden + b[:, None])
+            w, b = layers[-1]
+            out = w.T @ hidden + b[:, None] + weights["skip"].T @ x
+            step = out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
+            return step.reshape(feats[0].shape)
+
+        def dense(inputs, w, b):
+            return [
+                sum((wk * x for wk, x in zip(col, inputs, strict=True)), bj)
+                for col, bj in zip(w.T, b, strict=True)
+            ]
+
+        hidden = feats
+        for w, b in layers[:-1]:
+            hidden = [jax.nn.relu(h) for h in dense(hidden, w, b)]
+        out = dense(hidden, *layers[-1])
+        out = [
+            o + s
+            for o, s in zip(out, dense(feats, weights["skip"], [0.0, 0.0]), strict=True)
+        ]
+        return out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
 
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
+        nm = len(self.momentum_decays)
 
         def init_fn(params):
-            layout = F.TensorLayout.of(params)
+            groups = F.ShapeGroups.of(params)
             return MLPLOptState(
                 count=jnp.zeros((), jnp.int32),
-                stats=F.init_gradient_stats(
-                    layout.total_size, len(self.momentum_decays)
+                momenta=tuple(
+                    jnp.zeros((len(g.leaves), nm, *g.shape), jnp.float32)
+                    for g in groups
+                ),
+                second_moment=tuple(
+                    jnp.zeros((len(g.leaves), *g.shape), jnp.float32) for g in groups
                 ),
             )
 
@@ -154,35 +233,51 @@ class MLPLOpt(LearnedOptimizer):
                 raise ValueError(
                     "MLPLOpt reads the parameters: call update(grads, state, params)"
                 )
-            layout = F.TensorLayout.of(updates)
+            grads, treedef = jax.tree_util.tree_flatten(updates)
             count = optax.safe_increment(state.count)
-            if layout.total_size == 0:
-                return updates, MLPLOptState(count, state.stats)
-            grad = F.clip_gradient(layout.flatten(updates))
-            stats = F.update_gradient_stats(
-                state.stats,
-                grad,
-                momentum_decays=self.momentum_decays,
-                second_moment_decay=self.second_moment_decay,
-            )
-            inputs = self.param_features(grad, layout.flatten(params), stats, layout)
+            if not grads:
+                return updates, state._replace(count=count)
+            groups = F.ShapeGroups.of(updates)
+            params = treedef.flatten_up_to(params)
             time = jnp.concatenate(
                 [
                     F.progress_features(state.count, num_steps),
                     F.timescale_features(state.count),
                 ]
             )
-            # feature-major: activations are (width, N), so every matmul streams
-            # over the long parameter axis
-            bias = theta["layer_0"]["b"] + time @ theta["time"]["w"]
-            hidden = jax.nn.relu(theta["layer_0"]["w"].T @ inputs + bias[:, None])
-            for i in range(1, len(self.hidden_sizes)):
-                layer = theta[f"layer_{i}"]
-                hidden = jax.nn.relu(layer["w"].T @ hidden + layer["b"][:, None])
-            out = theta["output"]["w"].T @ hidden + theta["output"]["b"][:, None]
-            out = out + theta["skip"]["w"].T @ inputs
-            step = out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
-            dtypes = [g.dtype for g in jax.tree_util.tree_leaves(updates)]
-            return layout.unflatten(step, dtypes), MLPLOptState(count, stats)
+            shared = {
+                "b0": theta["layer_0"]["b"] + time @ theta["time"]["w"],
+                "out_w": theta["output"]["w"],
+                "out_b": theta["output"]["b"],
+                **{
+                    f"layer_{i}": theta[f"layer_{i}"]
+                    for i in range(1, len(self.hidden_sizes))
+                },
+            }
+            per_group, group_args = [], []
+            for g, m, v in zip(groups, state.momenta, state.second_moment, strict=True):
+                tensors, rms = jax.vmap(self._tensor_statistics)(
+                    g.stack(grads), g.stack(params), m, v
+                )
+                per_group.append(tensors)
+                n = len(g.leaves)
+                weights = jax.tree.map(
+                    lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)), shared
+                )
+                # w0 / rms: normalised features without a pass of their own
+                weights["w0"] = theta["layer_0"]["w"][None] / rms[:, :, None]
+                weights["skip"] = theta["skip"]["w"][None] / rms[:, :, None]
+                group_args.append((tensors, weights))
+            steps = groups.map(self._tensor_step, state.count >= 0, group_args)
+            steps = [
+                step.astype(jnp.result_type(g))
+                for step, g in zip(steps, grads, strict=True)
+            ]
+            new_state = MLPLOptState(
+                count=count,
+                momenta=tuple(t[2] for t in per_group),
+                second_moment=tuple(t[3] for t in per_group),
+            )
+            return jax.tree_util.tree_unflatten(treedef, steps), new_state
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
