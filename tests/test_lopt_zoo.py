@@ -244,6 +244,37 @@ def test_generated_weights_follow_tensor_statistics(hierarchical):
     assert other.shape == (2, lopt.num_mlp_weights)
 
 
+@pytest.mark.parametrize("name", ["mlp", "hierarchical"])
+def test_padded_buckets_do_not_change_the_updates(name, monkeypatch):
+    """Small tensors share zero-padded buckets; padding must not leak into updates."""
+    lopt = LOPTS[name]()
+    opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
+    keys = jax.random.split(jax.random.key(7), 4)
+    params = {
+        "m": jax.random.normal(keys[0], (3, 5)),
+        "n": jax.random.normal(keys[1], (3, 6)),
+        "v": jax.random.normal(keys[2], (5,)),
+        "c": jax.random.normal(keys[3], (3, 2, 3, 3)),
+    }
+
+    def two_steps():
+        if name == "hierarchical":  # (mlp pads every one of these vectors)
+            assert len(F.ShapeGroups.of(params, F.matrix_shape)) == groups
+        state = opt.init(params)
+        for i in range(2):
+            grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)), params)
+            updates, state = opt.update(grads, state, params, value=1.0 / (i + 1))
+        return updates
+
+    groups = 3  # (3, 5) and (3, 6) share the (1, 4, 8) bucket
+    padded = two_steps()
+    monkeypatch.setattr(F, "BUCKET_MAX_ENTRIES", 0)
+    groups = 4  # every tensor its own exact view
+    exact = two_steps()
+    for key in params:
+        np.testing.assert_allclose(padded[key], exact[key], rtol=2e-4, atol=1e-7)
+
+
 def test_hierarchical_refuses_a_per_parameter_mlp_too_large_to_fuse():
     with pytest.raises(ValueError, match=r"768 multiply-adds .* at most 600"):
         HierarchicalLOpt(hidden_sizes=(16, 16))

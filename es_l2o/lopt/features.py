@@ -366,9 +366,14 @@ def init_factored(shape: Sequence[int], num_decays: int) -> FactoredMoments:
 
 
 def update_factored(
-    state: FactoredMoments, grad_sq: jax.Array, decays: Sequence[float]
+    state: FactoredMoments,
+    grad_sq: jax.Array,
+    decays: Sequence[float],
+    extent: jax.Array | None = None,
 ) -> FactoredMoments:
     """One EMA step of the row and column means of `grad_sq` (one tensor's g**2).
+
+    `extent`: the true `(batch, rows, cols)` when `grad_sq` is a zero-padded view.
 
     Example:
         >>> s = update_factored(init_factored((2, 2), 1),
@@ -377,25 +382,40 @@ def update_factored(
         ([[[2.0, 6.0]]], [[[3.0, 5.0]]])
     """
     mat = matrix_view(grad_sq)
+    _, rows, cols = _extent(extent, mat.shape)
     d = jnp.asarray(decays, jnp.float32)[:, None, None]
     return FactoredMoments(
-        rows=d * state.rows + (1.0 - d) * jnp.mean(mat, axis=2)[None],
-        cols=d * state.cols + (1.0 - d) * jnp.mean(mat, axis=1)[None],
+        rows=d * state.rows + (1.0 - d) * (jnp.sum(mat, axis=2) / cols)[None],
+        cols=d * state.cols + (1.0 - d) * (jnp.sum(mat, axis=1) / rows)[None],
     )
 
 
-def factored_factors(state: FactoredMoments, eps: float = 1e-30):
+def _extent(extent, shape):
+    """The true (batch, rows, cols) of a zero-padded matrix view (default: all)."""
+    if extent is None:
+        return tuple(float(d) for d in shape)
+    return extent[0], extent[1], extent[2]
+
+
+def factored_factors(
+    state: FactoredMoments, extent: jax.Array | None = None, eps: float = 1e-30
+):
     """Row factors, column factors and the mean column of each decay.
 
     The Adafactor estimate of an entry's second moment is
     `row_factor[row] * col_factor[col] * col_mean`, with rows relative to the mean
-    row of their matrix and columns relative to the tensor's mean column.
+    row of their matrix and columns relative to the tensor's mean column. `extent`:
+    the true `(batch, rows, cols)` of zero-padded statistics.
 
     Returns:
         `(num_decays, batch, rows)`, `(num_decays, batch, cols)`, `(num_decays,)`.
     """
-    row_factor = state.rows / (jnp.mean(state.rows, axis=2, keepdims=True) + eps)
-    col_mean = jnp.mean(state.cols, axis=(1, 2))
+    batch, rows, cols = _extent(
+        extent, (state.rows.shape[1], *state.rows.shape[2:], state.cols.shape[2])
+    )
+    row_mean = jnp.sum(state.rows, axis=2, keepdims=True) / rows
+    row_factor = state.rows / (row_mean + eps)
+    col_mean = jnp.sum(state.cols, axis=(1, 2)) / (batch * cols)
     col_factor = state.cols / (col_mean[:, None, None] + eps)
     return row_factor, col_factor, col_mean
 
@@ -437,12 +457,28 @@ def mlp_multiply_adds(sizes: Sequence[int]) -> int:
 
 # -- tensors grouped by shape ------------------------------------------------------
 
+#: tensors of at most this many entries share zero-padded buckets (powers of two per
+#: axis of their view), so a model's many small tensors compile as a few programs
+BUCKET_MAX_ENTRIES = 1 << 16
+
+
+def _padded_view(view: tuple[int, ...]) -> tuple[int, ...]:
+    if int(np.prod(view, dtype=np.int64)) > BUCKET_MAX_ENTRIES:
+        return view
+    return tuple(1 << max(int(d) - 1, 0).bit_length() for d in view)
+
 
 class Group(NamedTuple):
-    """Leaves of one shape: their indices and their first row in tensor order."""
+    """Leaves that share one (padded) view: one vmapped per-tensor program.
 
-    shape: tuple[int, ...]
+    view: the group's view shape; leaves: leaf indices; shapes / views: each
+    member's own shape and unpadded view; start: first row in tensor order.
+    """
+
+    view: tuple[int, ...]
     leaves: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    views: tuple[tuple[int, ...], ...]
     start: int
 
     @property
@@ -450,37 +486,72 @@ class Group(NamedTuple):
         """This group's rows in tensor order."""
         return slice(self.start, self.start + len(self.leaves))
 
+    @property
+    def padded(self) -> bool:
+        return any(v != self.view for v in self.views)
+
+    def extents(self) -> jax.Array:
+        """Each member's true view extent, `(members, len(view))` float32."""
+        return jnp.asarray(np.asarray(self.views, np.float32))
+
     def stack(self, leaves) -> jax.Array:
-        """This group's leaves stacked `(len(leaves), *shape)` (no copy for one)."""
-        picked = [leaves[i] for i in self.leaves]
+        """This group's leaves in its view, zero-padded, stacked `(members, *view)`.
+
+        No copy for a lone member that needs no padding.
+        """
+        picked = []
+        for i, view in zip(self.leaves, self.views, strict=True):
+            x = jnp.asarray(leaves[i]).reshape(view)
+            if view != self.view:
+                x = jnp.pad(
+                    x.astype(jnp.float32),
+                    [(0, t - d) for d, t in zip(view, self.view, strict=True)],
+                )
+            picked.append(x)
         if len(picked) == 1:
             return picked[0][None]
         return jnp.stack([x.astype(jnp.float32) for x in picked])
 
+    def unstack(self, stacked: jax.Array) -> list[jax.Array]:
+        """Members of `stacked (members, *view)` cut to their own shapes."""
+        out = []
+        for k, (shape, view) in enumerate(zip(self.shapes, self.views, strict=True)):
+            x = stacked[k]
+            if view != self.view:
+                x = x[tuple(slice(0, d) for d in view)]
+            out.append(x.reshape(shape))
+        return out
+
 
 class ShapeGroups(tuple):
-    """A pytree's leaves grouped by shape, in order of first appearance.
+    """A pytree's leaves grouped by their view (`view_fn` of the shape).
 
-    Tensors are numbered group by group ("tensor order"), and each group's
-    per-parameter work is one vmapped program (`map`), so the compiled update grows
-    with the number of distinct shapes, not of tensors, and reads every tensor where
-    it is (no flat copy of the pytree) with its per-tensor values as scalars.
+    Tensors are numbered group by group ("tensor order"). Each group's per-parameter
+    work is one vmapped program (`map`) that reads its tensors where they are (no
+    flat copy) with their per-tensor values as scalars. Large tensors group by
+    exact view; small ones (at most `BUCKET_MAX_ENTRIES`) share zero-padded buckets,
+    so the compiled update grows with the number of distinct large shapes plus a
+    few buckets, not with the number of tensors.
 
     Example:
-        >>> groups = ShapeGroups.of({"a": jnp.ones(3), "b": jnp.ones(2),
-        ...     "c": jnp.ones(3)})
-        >>> [(g.shape, g.leaves) for g in groups], groups.leaf_rows.tolist()
-        ([((3,), (0, 2)), ((2,), (1,))], [0, 2, 1])
+        >>> groups = ShapeGroups.of({"a": jnp.ones(3), "b": jnp.ones(5),
+        ...     "c": jnp.ones(4)}, view_fn=lambda s: (int(np.prod(s)),))
+        >>> [(g.view, g.leaves) for g in groups], groups.leaf_rows.tolist()
+        ([((4,), (0, 2)), ((8,), (1,))], [0, 2, 1])
     """
 
     @classmethod
-    def of(cls, tree) -> ShapeGroups:
-        members: dict[tuple[int, ...], list[int]] = {}
+    def of(cls, tree, view_fn=None) -> ShapeGroups:
+        view_fn = view_fn or (lambda shape: tuple(shape))
+        members: dict[tuple[int, ...], list] = {}
         for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
-            members.setdefault(tuple(int(d) for d in jnp.shape(leaf)), []).append(i)
+            shape = tuple(int(d) for d in jnp.shape(leaf))
+            view = tuple(int(d) for d in view_fn(shape))
+            members.setdefault(_padded_view(view), []).append((i, shape, view))
         groups, start = [], 0
-        for shape, leaves in members.items():
-            groups.append(Group(shape, tuple(leaves), start))
+        for padded, items in members.items():
+            leaves, shapes, views = (tuple(x) for x in zip(*items, strict=True))
+            groups.append(Group(padded, leaves, shapes, views, start))
             start += len(leaves)
         return cls(groups)
 
@@ -490,8 +561,8 @@ class ShapeGroups(tuple):
 
     @property
     def tensor_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes in tensor order."""
-        return [g.shape for g in self for _ in g.leaves]
+        """Each tensor's own shape, in tensor order."""
+        return [s for g in self for s in g.shapes]
 
     @property
     def leaf_rows(self) -> np.ndarray:
@@ -505,8 +576,9 @@ class ShapeGroups(tuple):
         """`fn` vmapped over each group's members; one array per leaf, leaf order.
 
         group_args: one tuple of arguments per group, each with a leading member
-        axis. `flag` is a traced True for `compute_once`: a group of several
-        members is computed once into one buffer, not once inside each leaf's slice.
+        axis; `fn` returns an array of the group's view. `flag` is a traced True
+        for `compute_once`: a group of several members is computed once into one
+        buffer, not once inside each member's slice.
         """
         out = [None] * self.num_tensors
         for group, args in zip(self, group_args, strict=True):
@@ -514,8 +586,8 @@ class ShapeGroups(tuple):
                 result = compute_once(jax.vmap(fn), flag, *args)
             else:
                 result = jax.vmap(fn)(*args)
-            for k, leaf in enumerate(group.leaves):
-                out[leaf] = result[k]
+            for leaf, value in zip(group.leaves, group.unstack(result), strict=True):
+                out[leaf] = value
         return out
 
 

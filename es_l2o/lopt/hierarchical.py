@@ -45,8 +45,9 @@ from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
 class HierarchicalState(NamedTuple):
     """Optimizer state.
 
-    count: steps taken. Per tensor, in leaf order: momenta `(num_momenta, *shape)`,
-    second_moment `(*shape)` and factored row / column second moments
+    count: steps taken. Per group of tensors (`features.ShapeGroups` over their
+    `matrix_view`): momenta `(members, num_momenta, *view)`, second_moment
+    `(members, *view)` and factored row / column second moments
     (`features.FactoredMoments`). loss: loss EMAs.
     tensor_means: per-tensor means of each momentum and of the second moment,
     shape (num_momenta + 1, num_tensors): EMAs are linear, so these are EMAs of the
@@ -426,37 +427,38 @@ class HierarchicalLOpt(LearnedOptimizer):
 
     # -- the transform ---------------------------------------------------------------
 
-    def _tensor_statistics(self, g, p, momenta, v, factored):
+    def _tensor_statistics(self, g, p, momenta, v, factored, extent):
         """One tensor's new accumulators and the means the LSTM reads.
 
-        g, p: the tensor; momenta `(num_momenta, *shape)`, v, factored: its state.
+        g, p: the tensor's (zero-padded) `matrix_view`; momenta `(num_momenta,
+        *view)`, v, factored: its state; extent: its true `(batch, rows, cols)`.
 
         Returns:
-            ((g, p, momenta, v, factored) in `matrix_view` shape, means) where means
-            holds the tensor's mean g, g^2, p^2 and each momentum's mean square.
+            ((g, p, momenta, v, factored, extent), means) where means holds the
+            tensor's mean g, g^2, p^2 and each momentum's mean square.
         """
-        g = F.matrix_view(F.clip_gradient(g.astype(jnp.float32)))
-        p = F.matrix_view(p.astype(jnp.float32))
+        g = F.clip_gradient(g.astype(jnp.float32))
+        p = p.astype(jnp.float32)
         decays = np.asarray(self.momentum_decays, np.float32)[:, None, None, None]
         b2 = self.second_moment_decay
         # all momenta in one array: one pass, and no copy into the new state
-        momenta = decays * momenta.reshape(-1, *g.shape) + (1.0 - decays) * g
-        v = b2 * F.matrix_view(v) + (1.0 - b2) * g * g
-        factored = F.update_factored(factored, g * g, self.factored_decays)
-        inv = 1.0 / max(g.size, 1)
+        momenta = decays * momenta + (1.0 - decays) * g
+        v = b2 * v + (1.0 - b2) * g * g
+        factored = F.update_factored(factored, g * g, self.factored_decays, extent)
+        inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding entries are zero
         means = {
             "g": jnp.sum(g) * inv,
             "g2": jnp.sum(g * g) * inv,
             "p2": jnp.sum(p * p) * inv,
             "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
         }
-        return (g, p, momenta, v, factored), means
+        return (g, p, momenta, v, factored, extent), means
 
     def _tensor_step(self, tensor, scales, weights):
         """One tensor's update from its `_tensor_statistics`, scalars and weights."""
-        g, p, momenta, v, factored = tensor
+        g, p, momenta, v, factored, extent = tensor
         features = self.param_features(
-            g, p, momenta, v, F.factored_factors(factored), scales
+            g, p, momenta, v, F.factored_factors(factored, extent), scales
         )
         direction, magnitude = self.per_param_mlp(*features, weights)
         return direction * jnp.exp(self.exp_mult * magnitude) * scales["step"]
@@ -473,7 +475,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             groups, state.momenta, state.second_moment, state.factored, strict=True
         ):
             tensors, group_means = jax.vmap(self._tensor_statistics)(
-                group.stack(grads), group.stack(params), m, v, fac
+                group.stack(grads), group.stack(params), m, v, fac, group.extents()
             )
             per_group.append(tensors)
             means.append(group_means)
@@ -496,21 +498,21 @@ class HierarchicalLOpt(LearnedOptimizer):
         nm, nf = len(self.momentum_decays), len(self.factored_decays)
 
         def init_fn(params):
-            groups = F.ShapeGroups.of(params)
+            groups = F.ShapeGroups.of(params, F.matrix_shape)
             t = groups.num_tensors
             stacked = lambda g, shape: (len(g.leaves), *shape)
             return HierarchicalState(
                 count=jnp.zeros((), jnp.int32),
                 momenta=tuple(
-                    jnp.zeros(stacked(g, (nm, *g.shape)), jnp.float32) for g in groups
+                    jnp.zeros(stacked(g, (nm, *g.view)), jnp.float32) for g in groups
                 ),
                 second_moment=tuple(
-                    jnp.zeros(stacked(g, g.shape), jnp.float32) for g in groups
+                    jnp.zeros(stacked(g, g.view), jnp.float32) for g in groups
                 ),
                 factored=tuple(
                     jax.tree.map(
                         lambda x, g=g: jnp.broadcast_to(x, stacked(g, x.shape)),
-                        F.init_factored(g.shape, nf),
+                        F.init_factored(g.view, nf),
                     )
                     for g in groups
                 ),
@@ -532,7 +534,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             loss_state = F.update_loss_emas(state.loss, value, num_steps)
             if not grads:
                 return updates, state._replace(count=count, loss=loss_state)
-            groups = F.ShapeGroups.of(updates)
+            groups = F.ShapeGroups.of(updates, F.matrix_shape)
             per_group, sums, tensor_means = self._statistics(
                 state, groups, grads, treedef.flatten_up_to(params)
             )
@@ -574,14 +576,8 @@ class HierarchicalLOpt(LearnedOptimizer):
             ]
             new_state = HierarchicalState(
                 count=count,
-                momenta=tuple(
-                    t[2].reshape(len(g.leaves), nm, *g.shape)
-                    for g, t in zip(groups, per_group, strict=True)
-                ),
-                second_moment=tuple(
-                    t[3].reshape(len(g.leaves), *g.shape)
-                    for g, t in zip(groups, per_group, strict=True)
-                ),
+                momenta=tuple(t[2] for t in per_group),
+                second_moment=tuple(t[3] for t in per_group),
                 factored=tuple(t[4] for t in per_group),
                 loss=loss_state,
                 tensor_means=tensor_means,
@@ -604,7 +600,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     def _generated_weights(self, theta, params, grads, num_steps, value):
         opt = self.transform(theta, num_steps)
         state = opt.init(params)
-        groups = F.ShapeGroups.of(grads)
+        groups = F.ShapeGroups.of(grads, F.matrix_shape)
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         _, sums, _ = self._statistics(
             state, groups, leaves, treedef.flatten_up_to(params)

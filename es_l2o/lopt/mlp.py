@@ -14,15 +14,22 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from es_l2o.lopt import features as F
 from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
 
 
+def _vector(shape):
+    """The view the MLP optimizer works on: every tensor as one vector."""
+    return (int(np.prod(shape, dtype=np.int64)),)
+
+
 class MLPLOptState(NamedTuple):
-    """Optimizer state: a step counter and, per group of equal-shape tensors
-    (`features.ShapeGroups`), the momenta `(members, num_momenta, *shape)` and the
+    """Optimizer state: a step counter and, per group of tensors
+    (`features.ShapeGroups` of the tensors as zero-padded vectors), the momenta
+    `(members, num_momenta, length)` and the
     second moment `(members, *shape)`."""
 
     count: jax.Array
@@ -142,8 +149,11 @@ class MLPLOpt(LearnedOptimizer):
             *(momenta[d] * inv_root for d in range(nm)),
         ]
 
-    def _tensor_statistics(self, grad, param, momenta, second_moment):
-        """One tensor's new accumulators and the RMS of each input feature."""
+    def _tensor_statistics(self, grad, param, momenta, second_moment, extent):
+        """One tensor's new accumulators and the RMS of each input feature.
+
+        grad, param: the tensor as a zero-padded vector; extent: its true `(size,)`.
+        """
         grad = F.clip_gradient(grad.astype(jnp.float32))
         param = param.astype(jnp.float32)
         decays = jnp.asarray(self.momentum_decays, jnp.float32).reshape(
@@ -153,7 +163,8 @@ class MLPLOpt(LearnedOptimizer):
         momenta = decays * momenta + (1.0 - decays) * grad
         second_moment = b2 * second_moment + (1.0 - b2) * grad * grad
         feats = self.param_features(grad, param, momenta, second_moment)
-        rms = jnp.stack([jnp.sqrt(jnp.mean(f * f) + 1e-8) for f in feats])
+        inv = 1.0 / jnp.maximum(extent[0], 1.0)  # padding features are zero
+        rms = jnp.stack([jnp.sqrt(jnp.sum(f * f) * inv + 1e-8) for f in feats])
         return (grad, param, momenta, second_moment), rms
 
     @property
@@ -215,15 +226,14 @@ class MLPLOpt(LearnedOptimizer):
         nm = len(self.momentum_decays)
 
         def init_fn(params):
-            groups = F.ShapeGroups.of(params)
+            groups = F.ShapeGroups.of(params, _vector)
             return MLPLOptState(
                 count=jnp.zeros((), jnp.int32),
                 momenta=tuple(
-                    jnp.zeros((len(g.leaves), nm, *g.shape), jnp.float32)
-                    for g in groups
+                    jnp.zeros((len(g.leaves), nm, *g.view), jnp.float32) for g in groups
                 ),
                 second_moment=tuple(
-                    jnp.zeros((len(g.leaves), *g.shape), jnp.float32) for g in groups
+                    jnp.zeros((len(g.leaves), *g.view), jnp.float32) for g in groups
                 ),
             )
 
@@ -237,7 +247,7 @@ class MLPLOpt(LearnedOptimizer):
             count = optax.safe_increment(state.count)
             if not grads:
                 return updates, state._replace(count=count)
-            groups = F.ShapeGroups.of(updates)
+            groups = F.ShapeGroups.of(updates, _vector)
             params = treedef.flatten_up_to(params)
             time = jnp.concatenate(
                 [
@@ -257,7 +267,7 @@ class MLPLOpt(LearnedOptimizer):
             per_group, group_args = [], []
             for g, m, v in zip(groups, state.momenta, state.second_moment, strict=True):
                 tensors, rms = jax.vmap(self._tensor_statistics)(
-                    g.stack(grads), g.stack(params), m, v
+                    g.stack(grads), g.stack(params), m, v, g.extents()
                 )
                 per_group.append(tensors)
                 n = len(g.leaves)
