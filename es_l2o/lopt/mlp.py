@@ -181,6 +181,38 @@ class MLPLOpt(LearnedOptimizer):
         skip = 2 * self.num_param_features
         return F.mlp_multiply_adds(sizes) + skip <= F.FUSED_MAX_MULTIPLY_ADDS
 
+    def _matmul_steps(self, theta, bias, groups, per_group, rms_per_group):
+        """Every tensor's update with the MLP as feature-major matrix products.
+
+        The normalised features of all tensors form one `(features, entries)`
+        matrix, so each layer is one long matrix product over every parameter.
+        Returns one update per leaf, in leaf order.
+        """
+        columns, places = [], []
+        for group, tensors, rms in zip(groups, per_group, rms_per_group, strict=True):
+            feats = jax.vmap(self.param_features)(*tensors[:4])
+            for k, (leaf, view) in enumerate(
+                zip(group.leaves, group.views, strict=True)
+            ):
+                n = view[0]
+                columns.append(
+                    jnp.stack([f[k, :n] / rms[k, j] for j, f in enumerate(feats)])
+                )
+                places.append((leaf, n, group.shapes[k]))
+        x = jnp.concatenate(columns, axis=1)
+        hidden = jax.nn.relu(theta["layer_0"]["w"].T @ x + bias[:, None])
+        for i in range(1, len(self.hidden_sizes)):
+            layer = theta[f"layer_{i}"]
+            hidden = jax.nn.relu(layer["w"].T @ hidden + layer["b"][:, None])
+        out = theta["output"]["w"].T @ hidden + theta["output"]["b"][:, None]
+        out = out + theta["skip"]["w"].T @ x
+        step = out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
+        steps, start = [None] * len(places), 0
+        for leaf, n, shape in places:
+            steps[leaf] = step[start : start + n].reshape(shape)
+            start += n
+        return steps
+
     def _tensor_step(self, tensor, weights):
         """One tensor's update: the MLP with this tensor's folded weights.
 
@@ -195,15 +227,6 @@ class MLPLOpt(LearnedOptimizer):
             for i in range(1, len(self.hidden_sizes))
         ]
         layers.append((weights["out_w"], weights["out_b"]))
-        if not self.fused:
-            x = jnp.stack([f.reshape(-1) for f in feats])  # (features, entries)
-            hidden = x
-            for w, b in layers[:-1]:
-                hidden = jax.nn.relu(w.T @ hidden + b[:, None])
-            w, b = layers[-1]
-            out = w.T @ hidden + b[:, None] + weights["skip"].T @ x
-            step = out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
-            return step.reshape(feats[0].shape)
 
         def dense(inputs, w, b):
             return [
@@ -264,12 +287,13 @@ class MLPLOpt(LearnedOptimizer):
                     for i in range(1, len(self.hidden_sizes))
                 },
             }
-            per_group, group_args = [], []
+            per_group, group_args, rms_per_group = [], [], []
             for g, m, v in zip(groups, state.momenta, state.second_moment, strict=True):
                 tensors, rms = jax.vmap(self._tensor_statistics)(
                     g.stack(grads), g.stack(params), m, v, g.extents()
                 )
                 per_group.append(tensors)
+                rms_per_group.append(rms)
                 n = len(g.leaves)
                 weights = jax.tree.map(
                     lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)), shared
@@ -278,7 +302,12 @@ class MLPLOpt(LearnedOptimizer):
                 weights["w0"] = theta["layer_0"]["w"][None] / rms[:, :, None]
                 weights["skip"] = theta["skip"]["w"][None] / rms[:, :, None]
                 group_args.append((tensors, weights))
-            steps = groups.map(self._tensor_step, state.count >= 0, group_args)
+            if self.fused:
+                steps = groups.map(self._tensor_step, state.count >= 0, group_args)
+            else:
+                steps = self._matmul_steps(
+                    theta, shared["b0"], groups, per_group, rms_per_group
+                )
             steps = [
                 step.astype(jnp.result_type(g))
                 for step, g in zip(steps, grads, strict=True)
