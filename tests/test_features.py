@@ -21,8 +21,6 @@ def test_layout_flattens_in_leaf_order_and_round_trips():
     # leaves sorted by key: b, s, w
     np.testing.assert_array_equal(flat, [1.0, -2.0, 5.0, 3.0, 4.0, 0.0])
     assert layout.sizes == (2, 1, 3)
-    assert layout.ranks.tolist() == [1, 0, 2]
-    assert layout.segment_ids.tolist() == [0, 0, 1, 2, 2, 2]
     back = layout.unflatten(flat)
     for key in TREE:
         np.testing.assert_array_equal(back[key], TREE[key])
@@ -35,41 +33,6 @@ def test_layout_works_on_abstract_shapes_and_empty_trees():
     assert layout.total_size == 6 and layout.dtypes[0] == jnp.bfloat16
     empty = F.TensorLayout.of({})
     assert empty.total_size == 0 and empty.flatten({}).shape == (0,)
-
-
-def test_tensor_mean_and_broadcast():
-    layout = F.TensorLayout.of(TREE)
-    x = layout.flatten(TREE)
-    means = layout.tensor_mean(jnp.stack([x, 2 * x]))
-    np.testing.assert_allclose(
-        means, [[-0.5, 5.0, 7 / 3], [-1.0, 10.0, 14 / 3]], rtol=1e-6
-    )
-    np.testing.assert_array_equal(
-        layout.broadcast(jnp.array([10.0, 20.0, 30.0])), [10, 10, 20, 30, 30, 30]
-    )
-
-
-def test_normalize_per_tensor_divides_by_tensor_rms():
-    layout = F.TensorLayout.of(TREE)
-    x = layout.flatten(TREE)
-    out = F.normalize_per_tensor(x, layout, eps=0.0)
-    rms_b, rms_w = np.sqrt(5 / 2), np.sqrt(25 / 3)  # the scalar 5.0 has rms 5
-    expected = [1 / rms_b, -2 / rms_b, 1.0, 3 / rms_w, 4 / rms_w, 0.0]
-    np.testing.assert_allclose(out, expected, rtol=1e-6)
-
-
-def test_gradient_stats_follow_the_ema_formulas():
-    stats = F.init_gradient_stats(2, 2)
-    g1, g2 = jnp.array([1.0, -2.0]), jnp.array([3.0, 0.0])
-    for g in (g1, g2):
-        stats = F.update_gradient_stats(
-            stats, g, momentum_decays=(0.5, 0.9), second_moment_decay=0.99
-        )
-    m_half = 0.5 * (0.5 * g1) + 0.5 * g2
-    m_nine = 0.9 * (0.1 * g1) + 0.1 * g2
-    v = 0.99 * (0.01 * g1**2) + 0.01 * g2**2
-    np.testing.assert_allclose(stats.momenta, np.stack([m_half, m_nine]), rtol=1e-6)
-    np.testing.assert_allclose(stats.second_moment, v, rtol=1e-6)
 
 
 def test_progress_and_timescale_features():

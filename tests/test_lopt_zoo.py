@@ -63,13 +63,6 @@ def test_rank_one_hot_and_bounded_log_features():
     )
 
 
-def test_tensor_mean_var_on_hand_values():
-    layout = F.TensorLayout.of({"a": jnp.zeros(3), "b": jnp.zeros((1, 2))})
-    mean, var = F.tensor_mean_var(jnp.array([1.0, 2.0, 6.0, -1.0, 1.0]), layout)
-    np.testing.assert_allclose(mean, [3.0, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(var, [14 / 3, 1.0], rtol=1e-6)
-
-
 def test_loss_emas_follow_their_half_lives():
     np.testing.assert_allclose(
         F.loss_half_lives(1000, count=4),

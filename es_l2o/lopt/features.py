@@ -1,21 +1,18 @@
-"""Gradient statistics and input features shared by every learned optimizer.
+"""Accumulators, input features and tensor layouts shared by the learned optimizers.
 
-Learned optimizers here work on one flat float32 vector that holds every parameter
-of the optimizee (a `TensorLayout` maps pytrees to and from it), so each feature is a
-handful of fused XLA ops whatever the number of tensors. Per-tensor reductions
-(RMS normalisation, tensor statistics) are segment sums over that vector.
+`mlp` and `hierarchical` update each group of tensors (`ShapeGroups`: one shape, or
+one zero-padded bucket of small tensors) in one fused, vmapped pass; `lstm` and
+`deep_momentum` work on one flat float32 vector (`TensorLayout`). Factored second
+moments (`FactoredMoments`), training-progress and loss features, the coordinatewise
+LSTM preprocessing and gradient clipping are shared by all of them.
 
 Example:
     >>> import jax.numpy as jnp
     >>> layout = TensorLayout.of({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
     >>> layout.num_tensors, layout.total_size
     (2, 9)
-    >>> grad = layout.flatten({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
-    >>> stats = update_gradient_stats(
-    ...     init_gradient_stats(layout.total_size, 2), grad,
-    ...     momentum_decays=(0.5, 0.9), second_moment_decay=0.99)
-    >>> [round(float(m), 3) for m in stats.momenta[:, 0]]
-    [0.5, 0.1]
+    >>> ShapeGroups.of({"w": jnp.ones((2, 3)), "b": jnp.ones(3)}).num_tensors
+    2
 """
 
 from __future__ import annotations
@@ -35,32 +32,8 @@ TIMESCALES = tuple(float(10 ** (k / 2)) for k in range(11))  # 1 ... 1e5
 GRADIENT_CLIP = 1000.0
 
 
-class _TensorShapes:
-    """Per-tensor sizes and ranks of a layout with a `shapes` field."""
-
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @property
-    def num_tensors(self) -> int:
-        return len(self.shapes)
-
-    @property
-    def total_size(self) -> int:
-        """Number of parameters (padding, where a layout has it, not counted)."""
-        return sum(self.sizes)
-
-    @property
-    def ranks(self) -> np.ndarray:
-        """Rank of each tensor, shape (num_tensors,)."""
-        return np.asarray([len(s) for s in self.shapes], np.int32)
-
-
 @dataclasses.dataclass(frozen=True)
-class TensorLayout(_TensorShapes):
+class TensorLayout:
     """Static map between a pytree of tensors and one flat float32 vector.
 
     Built from shapes only, so it works on abstract inputs (`jax.ShapeDtypeStruct`).
@@ -78,9 +51,17 @@ class TensorLayout(_TensorShapes):
         return cls(treedef, shapes, dtypes)
 
     @property
-    def segment_ids(self) -> np.ndarray:
-        """For every flat entry the index of its tensor, shape (total_size,)."""
-        return np.repeat(np.arange(self.num_tensors, dtype=np.int32), self.sizes)
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def total_size(self) -> int:
+        """Number of parameters."""
+        return sum(self.sizes)
 
     def flatten(self, tree) -> jax.Array:
         """All leaves as one float32 vector (a single concatenate)."""
@@ -101,67 +82,10 @@ class TensorLayout(_TensorShapes):
         ]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
-    def tensor_mean(self, x: jax.Array) -> jax.Array:
-        """Mean of `x[..., N]` within each tensor: shape (..., num_tensors)."""
-        sums = jax.ops.segment_sum(
-            jnp.moveaxis(x, -1, 0),
-            self.segment_ids,
-            num_segments=self.num_tensors,
-            indices_are_sorted=True,
-        )
-        return jnp.moveaxis(sums, 0, -1) / np.asarray(self.sizes, np.float32)
-
-    def broadcast(self, per_tensor: jax.Array) -> jax.Array:
-        """Spreads per-tensor values `(..., num_tensors)` to every entry: `(..., N)`."""
-        return jnp.take(per_tensor, self.segment_ids, axis=-1)
-
-
-class GradientStats(NamedTuple):
-    """Exponential moving averages of the flat gradient.
-
-    momenta: (num_momentum_decays, N) first moments; second_moment: (N,).
-    """
-
-    momenta: jax.Array
-    second_moment: jax.Array
-
-
-def init_gradient_stats(total_size: int, num_momentum_decays: int) -> GradientStats:
-    """Zero accumulators for `total_size` parameters."""
-    return GradientStats(
-        momenta=jnp.zeros((num_momentum_decays, total_size), jnp.float32),
-        second_moment=jnp.zeros((total_size,), jnp.float32),
-    )
-
-
-def update_gradient_stats(
-    stats: GradientStats,
-    grad: jax.Array,
-    *,
-    momentum_decays: Sequence[float],
-    second_moment_decay: float,
-) -> GradientStats:
-    """One EMA step: m_k <- b_k m_k + (1 - b_k) g and v <- b v + (1 - b) g^2."""
-    decays = jnp.asarray(momentum_decays, jnp.float32)[:, None]
-    momenta = decays * stats.momenta + (1.0 - decays) * grad
-    second_moment = (
-        second_moment_decay * stats.second_moment
-        + (1.0 - second_moment_decay) * grad**2
-    )
-    return GradientStats(momenta, second_moment)
-
 
 def clip_gradient(grad: jax.Array, bound: float = GRADIENT_CLIP) -> jax.Array:
     """Clips to +-bound and replaces NaN by 0 (the task's loss reports the failure)."""
     return jnp.clip(jnp.nan_to_num(grad, nan=0.0), -bound, bound)
-
-
-def normalize_per_tensor(
-    x: jax.Array, layout: TensorLayout, eps: float = 1e-8
-) -> jax.Array:
-    """Divides each feature row of `x[..., N]` by its RMS within each tensor."""
-    rms = jnp.sqrt(layout.tensor_mean(x**2) + eps)
-    return x / layout.broadcast(rms)
 
 
 def progress_features(
@@ -234,22 +158,6 @@ def rank_one_hot(ranks: Sequence[int], max_rank: int = MAX_RANK_FEATURE) -> np.n
     """
     ranks = np.minimum(np.asarray(ranks, np.int64), max_rank)
     return np.eye(max_rank + 1, dtype=np.float32)[ranks].reshape(-1, max_rank + 1)
-
-
-def tensor_mean_var(x: jax.Array, layout) -> tuple[jax.Array, jax.Array]:
-    """Per-tensor mean and variance of `x[..., N]`: two arrays `(..., num_tensors)`.
-
-    `layout` is any layout with `tensor_mean` (a `TensorLayout` or `BlockLayout`).
-
-    Example:
-        >>> layout = TensorLayout.of({"a": jnp.zeros(2), "b": jnp.zeros(1)})
-        >>> mean, var = tensor_mean_var(jnp.array([1.0, 3.0, 5.0]), layout)
-        >>> mean.tolist(), var.tolist()
-        ([2.0, 5.0], [1.0, 0.0])
-    """
-    mean = layout.tensor_mean(x)
-    var = layout.tensor_mean(x * x) - mean**2
-    return mean, jnp.maximum(var, 0.0)
 
 
 # -- loss features ---------------------------------------------------------------------
