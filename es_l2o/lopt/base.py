@@ -12,6 +12,21 @@ import optax
 Theta = Any
 
 
+def check_hidden_sizes(hidden_sizes) -> tuple[int, ...]:
+    """`hidden_sizes` as a tuple of ints; ValueError unless one or more are >= 1.
+
+    Example:
+        >>> check_hidden_sizes([4, 4])
+        (4, 4)
+    """
+    sizes = tuple(int(h) for h in hidden_sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(
+            f"hidden_sizes must be one or more positive integers, got {hidden_sizes!r}"
+        )
+    return sizes
+
+
 def check_num_steps(num_steps) -> None:
     """Raises ValueError unless `num_steps` is a positive integer.
 

@@ -83,6 +83,27 @@ class TensorLayout:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+def update_moments(
+    momenta: jax.Array,
+    second_moment: jax.Array,
+    grad: jax.Array,
+    momentum_decays: Sequence[float],
+    second_moment_decay: float,
+) -> tuple[jax.Array, jax.Array]:
+    """One EMA step of the momenta `(num_decays, *shape)` and the second moment.
+
+    Example:
+        >>> m, v = update_moments(jnp.zeros((2, 1)), jnp.zeros(1), jnp.array([2.0]),
+        ...     momentum_decays=(0.5, 0.9), second_moment_decay=0.99)
+        >>> [round(float(x), 4) for x in (*m[:, 0], *v)]
+        [1.0, 0.2, 0.04]
+    """
+    decays = np.asarray(momentum_decays, np.float32).reshape((-1,) + (1,) * grad.ndim)
+    b2 = second_moment_decay
+    momenta = decays * momenta + (1.0 - decays) * grad
+    return momenta, b2 * second_moment + (1.0 - b2) * grad * grad
+
+
 def clip_gradient(grad: jax.Array, bound: float = GRADIENT_CLIP) -> jax.Array:
     """Clips to +-bound and replaces NaN by 0 (the task's loss reports the failure)."""
     return jnp.clip(jnp.nan_to_num(grad, nan=0.0), -bound, bound)

@@ -39,7 +39,11 @@ import numpy as np
 import optax
 
 from es_l2o.lopt import features as F
-from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
+from es_l2o.lopt.base import (
+    LearnedOptimizer,
+    check_hidden_sizes,
+    check_num_steps,
+)
 
 
 class HierarchicalState(NamedTuple):
@@ -146,12 +150,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         self.lstm_size = int(lstm_size)
         self.bank_size = int(bank_size)
         self.mix_size = int(mix_size)
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            raise ValueError(
-                "hidden_sizes must be one or more positive integers, got "
-                f"{hidden_sizes!r}"
-            )
+        self.hidden_sizes = check_hidden_sizes(hidden_sizes)
         self.momentum_decays = tuple(float(b) for b in momentum_decays)
         self.factored_decays = tuple(float(b) for b in factored_decays)
         for what, decays in (
@@ -439,11 +438,10 @@ class HierarchicalLOpt(LearnedOptimizer):
         """
         g = F.clip_gradient(g.astype(jnp.float32))
         p = p.astype(jnp.float32)
-        decays = np.asarray(self.momentum_decays, np.float32)[:, None, None, None]
-        b2 = self.second_moment_decay
         # all momenta in one array: one pass, and no copy into the new state
-        momenta = decays * momenta + (1.0 - decays) * g
-        v = b2 * v + (1.0 - b2) * g * g
+        momenta, v = F.update_moments(
+            momenta, v, g, self.momentum_decays, self.second_moment_decay
+        )
         factored = F.update_factored(factored, g * g, self.factored_decays, extent)
         inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding entries are zero
         means = {

@@ -17,7 +17,11 @@ import numpy as np
 import optax
 
 from es_l2o.lopt import features as F
-from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
+from es_l2o.lopt.base import (
+    LearnedOptimizer,
+    check_hidden_sizes,
+    check_num_steps,
+)
 
 
 class LSTMLOptState(NamedTuple):
@@ -72,12 +76,7 @@ class LSTMLOpt(LearnedOptimizer):
         output_scale: float = 0.1,
         init_noise: float = 0.1,
     ):
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            raise ValueError(
-                "hidden_sizes must be one or more positive integers, got "
-                f"{hidden_sizes!r}"
-            )
+        self.hidden_sizes = check_hidden_sizes(hidden_sizes)
         if preprocess_p <= 0:
             raise ValueError(f"preprocess_p must be > 0, got {preprocess_p!r}")
         self.preprocess_p = float(preprocess_p)

@@ -18,7 +18,11 @@ import numpy as np
 import optax
 
 from es_l2o.lopt import features as F
-from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
+from es_l2o.lopt.base import (
+    LearnedOptimizer,
+    check_hidden_sizes,
+    check_num_steps,
+)
 
 
 def _vector(shape):
@@ -29,8 +33,7 @@ def _vector(shape):
 class MLPLOptState(NamedTuple):
     """Optimizer state: a step counter and, per group of tensors
     (`features.ShapeGroups` of the tensors as zero-padded vectors), the momenta
-    `(members, num_momenta, length)` and the
-    second moment `(members, *shape)`."""
+    `(members, num_momenta, length)` and the second moment `(members, length)`."""
 
     count: jax.Array
     momenta: tuple[jax.Array, ...]
@@ -77,12 +80,7 @@ class MLPLOpt(LearnedOptimizer):
         step_mult: float = 0.01,
         output_init_scale: float = 0.01,
     ):
-        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            raise ValueError(
-                "hidden_sizes must be one or more positive integers, "
-                f"got {hidden_sizes!r}"
-            )
+        self.hidden_sizes = check_hidden_sizes(hidden_sizes)
         self.momentum_decays = tuple(float(b) for b in momentum_decays)
         if not all(0.0 <= b < 1.0 for b in self.momentum_decays):
             raise ValueError(
@@ -156,12 +154,9 @@ class MLPLOpt(LearnedOptimizer):
         """
         grad = F.clip_gradient(grad.astype(jnp.float32))
         param = param.astype(jnp.float32)
-        decays = jnp.asarray(self.momentum_decays, jnp.float32).reshape(
-            (-1,) + (1,) * grad.ndim
+        momenta, second_moment = F.update_moments(
+            momenta, second_moment, grad, self.momentum_decays, self.second_moment_decay
         )
-        b2 = self.second_moment_decay
-        momenta = decays * momenta + (1.0 - decays) * grad
-        second_moment = b2 * second_moment + (1.0 - b2) * grad * grad
         feats = self.param_features(grad, param, momenta, second_moment)
         inv = 1.0 / jnp.maximum(extent[0], 1.0)  # padding features are zero
         rms = jnp.stack([jnp.sqrt(jnp.sum(f * f) * inv + 1e-8) for f in feats])
@@ -287,22 +282,26 @@ class MLPLOpt(LearnedOptimizer):
                     for i in range(1, len(self.hidden_sizes))
                 },
             }
-            per_group, group_args, rms_per_group = [], [], []
+            per_group, rms_per_group = [], []
             for g, m, v in zip(groups, state.momenta, state.second_moment, strict=True):
                 tensors, rms = jax.vmap(self._tensor_statistics)(
                     g.stack(grads), g.stack(params), m, v, g.extents()
                 )
                 per_group.append(tensors)
                 rms_per_group.append(rms)
-                n = len(g.leaves)
-                weights = jax.tree.map(
-                    lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)), shared
-                )
-                # w0 / rms: normalised features without a pass of their own
-                weights["w0"] = theta["layer_0"]["w"][None] / rms[:, :, None]
-                weights["skip"] = theta["skip"]["w"][None] / rms[:, :, None]
-                group_args.append((tensors, weights))
             if self.fused:
+                group_args = []
+                for g, tensors, rms in zip(
+                    groups, per_group, rms_per_group, strict=True
+                ):
+                    n = len(g.leaves)
+                    weights = jax.tree.map(
+                        lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)), shared
+                    )
+                    # w0 / rms: normalised features without a pass of their own
+                    weights["w0"] = theta["layer_0"]["w"][None] / rms[:, :, None]
+                    weights["skip"] = theta["skip"]["w"][None] / rms[:, :, None]
+                    group_args.append((tensors, weights))
                 steps = groups.map(self._tensor_step, state.count >= 0, group_args)
             else:
                 steps = self._matmul_steps(
