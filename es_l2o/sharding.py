@@ -141,6 +141,62 @@ def map_population(fn, args, mesh: Mesh | None = None, chunk: int | None = None)
     return shard_population(jax.tree.map(join, out), mesh)
 
 
+def sum_population(fn, args, mesh: Mesh | None = None, chunk: int | None = None):
+    """`jnp.sum(jax.vmap(fn)(*args), axis=0)` without the stacked (N, ...) values.
+
+    Each device sums `fn` over its own slice of the leading axis, `chunk` rows at a
+    time (a `lax.scan` over chunks; None: its whole slice at once), into a partial
+    sum of one output's shape; the devices' partial sums are then added (an
+    all-reduce). So at most `chunk` outputs of `fn` are live on a device.
+
+    Example:
+        >>> sum_population(lambda i: i * jnp.ones(3), (jnp.arange(8.0),), chunk=2)
+        Array([28., 28., 28.], dtype=float32)
+    """
+    args = shard_population(args, mesh)
+    size = jax.tree_util.tree_leaves(args)[0].shape[0]
+    devices = population_devices(mesh)
+    check_population(size, mesh)
+    per_device = size // devices
+    chunk = check_particle_chunk(chunk, size, mesh) or per_device
+    steps = per_device // chunk
+
+    def constrain(x, spec):
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def split(x):  # (N, ...) -> (steps, devices, chunk, ...): a device's own rows
+        x = x.reshape((devices, steps, chunk) + x.shape[1:])
+        return constrain(jnp.swapaxes(x, 0, 1), PartitionSpec(None, POPULATION_AXIS))
+
+    def partial_sums(a):  # (devices, ...): each device's sum over one chunk
+        out = jax.vmap(jax.vmap(fn))(*a)
+        return jax.tree.map(
+            lambda x: constrain(jnp.sum(x, axis=1), PartitionSpec(POPULATION_AXIS)),
+            out,
+        )
+
+    split_args = jax.tree.map(split, args)
+    if steps == 1:
+        sums = partial_sums(jax.tree.map(lambda x: x[0], split_args))
+    else:
+
+        def body(acc, a):
+            return jax.tree.map(jnp.add, acc, partial_sums(a)), None
+
+        first = jax.tree.map(lambda x: x[0], split_args)
+        shapes = jax.eval_shape(partial_sums, first)
+        zeros = jax.tree.map(
+            lambda s: constrain(
+                jnp.zeros(s.shape, s.dtype), PartitionSpec(POPULATION_AXIS)
+            ),
+            shapes,
+        )
+        sums, _ = jax.lax.scan(body, zeros, split_args)
+    return replicate(jax.tree.map(lambda x: jnp.sum(x, axis=0), sums), mesh)
+
+
 def replicate(tree, mesh: Mesh | None):
     """Places every leaf whole on every device of the mesh (in jit)."""
     if mesh is None:

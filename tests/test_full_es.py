@@ -1,4 +1,5 @@
-"""Full-unroll ES: it meta-learns, pairs share tasks, and bad settings are refused."""
+"""Full-unroll ES: it meta-learns, pairs share tasks, keyed noise is evosax's Open_ES
+on the materialised population, and bad settings are refused."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,15 @@ import numpy as np
 import optax
 import pytest
 from diverging import ExplodingFamily
+from evosax.algorithms import Open_ES
+from evosax.core.fitness_shaping import (
+    add_weight_decay,
+    centered_rank_fitness_shaping_fn,
+)
 
+from es_l2o import sharding
 from es_l2o.es import FullES, common
+from es_l2o.es.keyed import KeyedOpenES
 from es_l2o.lopt import MLPLOpt
 from es_l2o.unroll import LOptTraining
 from populations.quadratic import QuadraticFamily
@@ -103,3 +111,119 @@ def test_diverging_tasks_never_make_theta_nonfinite():
         assert np.isfinite(float(metrics["meta_loss"]))
     assert failures > 0, "the exploding tasks should have produced non-finite steps"
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(es.theta(state)))
+
+
+# -- keyed perturbations: evosax's Open_ES without the (P, D) population -----------
+
+SOLUTION = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(5)}  # D = 11
+
+
+def _pair(antithetic, optimizer):
+    kwargs = dict(
+        use_antithetic_sampling=antithetic,
+        optimizer=optimizer,
+        std_schedule=optax.constant_schedule(0.3),
+        fitness_shaping_fn=centered_rank_fitness_shaping_fn,
+    )
+    return KeyedOpenES(8, SOLUTION, **kwargs), Open_ES(8, SOLUTION, **kwargs)
+
+
+def _mean(key):  # a mean away from zero
+    return jax.tree.map(lambda x: jax.random.normal(key, x.shape), SOLUTION)
+
+
+def _explicit_population(state, key_ask, antithetic):
+    """The documented key scheme, materialised: z_j from fold_in(key_ask, j)."""
+    draws = 4 if antithetic else 8
+    z = jnp.stack(
+        [jax.random.normal(jax.random.fold_in(key_ask, j), (11,)) for j in range(draws)]
+    )
+    z = jnp.concatenate([z, -z]) if antithetic else z
+    return state.mean + state.std * z
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_keyed_gradient_is_evosax_open_es_gradient(antithetic):
+    keyed, evosax_es = _pair(antithetic, optax.sgd(1.0))  # mean - new mean = grad
+    params = keyed.default_params
+    state = keyed.init(jax.random.key(0), _mean(jax.random.key(1)), params)
+    key_ask = jax.random.key(2)
+    flat = _explicit_population(state, key_ask, antithetic)
+    asked = jax.vmap(keyed._ravel_solution)(keyed.ask(key_ask, state, params)[0])
+    np.testing.assert_allclose(asked, flat, rtol=1e-6)  # ask: the same thetas
+    shaped = jnp.array([0.3, -0.5, 0.1, 0.5, -0.1, 0.2, -0.3, -0.2])
+    expected = state.mean - evosax_es._tell(None, flat, shaped, state, params).mean
+    gradient = jax.jit(keyed.keyed_gradient, static_argnums=(3, 4))
+    one = sharding.population_mesh(1)
+    for mesh, chunk in ((None, None), (one, 2)):
+        got = gradient(state, key_ask, shaped, mesh, chunk)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_keyed_tell_is_evosax_tell_on_the_materialised_population(antithetic):
+    keyed, evosax_es = _pair(antithetic, optax.adam(0.1))
+    params = keyed.default_params
+    state = keyed.init(jax.random.key(0), _mean(jax.random.key(1)), params)
+    ours = theirs = state
+    fitnesses = [  # the first improves on inf; the second (a NaN, worse) does not
+        jnp.array([3.0, 1.0, 4.0, 1.5, 5.0, 9.0, 2.0, 6.0]),
+        jnp.array([7.0, jnp.nan, 8.0, 1.2, 9.0, 7.5, 3.0, 8.0]),
+    ]
+    tell = jax.jit(keyed.keyed_tell)
+    populations = []
+    for i, fitness in enumerate(fitnesses):
+        key_ask = jax.random.key(10 + i)
+        population = keyed.ask(key_ask, ours, params)[0]
+        populations.append(jax.vmap(keyed._ravel_solution)(population))
+        theirs, _ = evosax_es.tell(None, population, fitness, theirs, params)
+        ours = tell(key_ask, fitness, ours, params)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the best is particle 1 of the first generation, regenerated from its key
+    assert float(ours.best_fitness) == 1.0
+    np.testing.assert_allclose(ours.best_solution, populations[0][1], rtol=1e-6)
+
+
+def test_full_es_step_is_evosax_ask_and_tell():
+    system = LOptTraining(QuadraticFamily(), LOPT, horizon=3)
+    es = FullES(system, population_size=8, std=0.01, optimizer=optax.adam(1e-2))
+    state = es.init(jax.random.key(0), LOPT.init(jax.random.key(1)))
+    assert es.keyed
+    key = jax.random.key(2)
+    new_state, metrics = es.step(key, state)
+    # the same step through evosax's own Open_ES on the whole population
+    key_ask, key_unroll, key_tell = jax.random.split(key, 3)
+    population, _ = es.algorithm.ask(key_ask, state.es_state, es.params)
+    keys = common.particle_keys(key_unroll, 8, antithetic=True)
+    raw, _ = jax.jit(jax.vmap(es.unroll))(population, keys)
+    evosax_es, params = common.make_algorithm(
+        "Open_ES",
+        population_size=8,
+        solution=LOPT.init(jax.random.key(1)),
+        std=0.01,
+        optimizer=es.optimizer,
+        fitness_shaping="centered_rank",
+    )
+    assert type(evosax_es) is Open_ES
+    expected, _ = evosax_es.tell(key_tell, population, raw, state.es_state, params)
+    np.testing.assert_allclose(float(metrics["meta_loss"]), float(jnp.mean(raw)), 1e-5)
+    # evosax recovers z as (theta - mean) / std, to about eps * |mean| / std = 1e-5
+    for a, b in zip(
+        jax.tree.leaves(new_state.es_state), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_keyed_open_es_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="fitness shaping must use the fitness alone"):
+        KeyedOpenES(
+            4,
+            jnp.zeros(3),
+            fitness_shaping_fn=add_weight_decay(centered_rank_fitness_shaping_fn),
+        )
+    with pytest.raises(ValueError, match="even population_size >= 2, got 5"):
+        KeyedOpenES(5, jnp.zeros(3))
+    es = KeyedOpenES(4, jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"weights must have shape \(4,\), got \(3,\)"):
+        es.noise_dot(jax.random.key(0), jnp.zeros(3))

@@ -13,6 +13,7 @@ from es_l2o import sharding
 
 SCRIPT = textwrap.dedent(
     """
+    import math, re
     import jax, numpy as np, optax
     from es_l2o.es import FullES
     from es_l2o.lopt import MLPLOpt
@@ -32,7 +33,17 @@ SCRIPT = textwrap.dedent(
             state, _ = es.step(jax.random.key(10 + i), state)
         assert es.step._cache_size() == 1, "the second step recompiled"
         text = es.step.lower(jax.random.key(0), state).compile().as_text()
-        return es.theta(state), text
+        return es.theta(state), theta_rows(text, es.algorithm.num_dims), text
+
+    def theta_rows(text, d):
+        # the most thetas (or perturbations) one device's compiled program holds: the
+        # largest f32 buffer with a D-sized axis (or a flat multiple of D), over D
+        rows = 0
+        for dims in re.findall(r"f32\\[([\\d,]+)\\]", text):
+            dims = [int(x) for x in dims.split(",")]
+            if d in dims or (len(dims) == 1 and dims[0] % d == 0):
+                rows = max(rows, math.prod(dims) // d)
+        return rows
 
     from es_l2o.es import PES
     from populations.digits import DigitsMLPFamily
@@ -56,18 +67,33 @@ SCRIPT = textwrap.dedent(
                     jax.tree.leaves(run_pes(population_mesh(8)))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
-    one, _ = run(population_mesh(1))
-    eight, text = run(population_mesh(8))
+    one, _, _ = run(population_mesh(1))
+    eight, rows, text = run(population_mesh(8))
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # the unroll was partitioned: each device trains 16 / 8 = 2 particles
     assert "f32[2,10]" in text, "no per-device slice of the population in the program"
+    # keyed noise: no device holds the (16, D) population or the (8, D) draws,
+    # only the thetas of its own particles (chunk at a time)
+    assert rows == 2, f"a device holds {rows} thetas, not its 2 particles'"
     # chunked unrolls (a loop over each device's particles) change nothing
     for mesh, chunk in ((population_mesh(1), 4), (population_mesh(8), 1)):
-        chunked, text = run(mesh, chunk)
+        chunked, rows, text = run(mesh, chunk)
         for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(chunked)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert rows == chunk, f"a device holds {rows} thetas, not a chunk of {chunk}"
     assert "f32[1,10]" in text, "no per-device chunk of one particle in the program"
+    # the keyed gradient split over 8 devices: pairs when the 4 pairs do not split
+    # over them are summed per particle; without antithetic sampling too
+    from es_l2o.es.keyed import KeyedOpenES
+    for antithetic in (True, False):
+        keyed = KeyedOpenES(8, np.zeros(11, np.float32),
+                            use_antithetic_sampling=antithetic)
+        w = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+        dot = jax.jit(keyed.noise_dot, static_argnums=(2, 3))
+        np.testing.assert_allclose(
+            dot(jax.random.key(3), w, population_mesh(8), None),
+            dot(jax.random.key(3), w, None, None), rtol=1e-5, atol=1e-6)
     try:
         FullES(system, population_size=12, mesh=population_mesh(8))
     except ValueError as err:

@@ -83,9 +83,17 @@ def make_algorithm(
     return algorithm, params
 
 
+def is_antithetic_class(algorithm: str | type) -> bool:
+    """Whether an evosax algorithm (name or class, subclasses included) pairs
+    antithetic particles by default."""
+    if isinstance(algorithm, str):
+        return algorithm in ANTITHETIC_ALGORITHMS
+    return any(c.__name__ in ANTITHETIC_ALGORITHMS for c in algorithm.__mro__)
+
+
 def is_antithetic(algorithm) -> bool:
-    name = type(algorithm).__name__
-    return name in ANTITHETIC_ALGORITHMS and getattr(
+    """Whether a built evosax algorithm pairs particles i and i + P/2."""
+    return is_antithetic_class(type(algorithm)) and getattr(
         algorithm, "use_antithetic_sampling", True
     )
 
@@ -122,18 +130,31 @@ def strong_types(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
 
 
-def check_population_memory(system, theta, population_size: int, mesh, es_state=None):
+def check_population_memory(
+    system, theta, population_size: int, mesh, es_state=None, theta_copies: int = 2
+):
     """Refuses a population whose particles cannot fit on the mesh's devices.
 
-    Per particle: its perturbed theta and noise, and three copies of its inner state
-    (state, gradients, updates); replicated: the ES state.
+    Per particle: `theta_copies` thetas (2: its perturbed theta and its noise, where
+    the population is drawn as an array; 1 where each particle regenerates its noise
+    from a key) and three copies of its inner state (state, gradients, updates);
+    replicated: the ES state.
+
+    Example:
+        >>> from es_l2o.lopt import MLPLOpt
+        >>> from es_l2o.unroll import LOptTraining
+        >>> from populations.quadratic import QuadraticFamily
+        >>> lopt = MLPLOpt(hidden_sizes=(8,))
+        >>> system = LOptTraining(QuadraticFamily(), lopt, horizon=10)
+        >>> theta = lopt.init(jax.random.key(0))
+        >>> check_population_memory(system, theta, 64, None, theta_copies=1)  # fits
     """
     from es_l2o import sharding
 
     inner = jax.eval_shape(system.init, jax.random.key(0), theta)
     sharding.check_memory(
         population_size=population_size,
-        bytes_per_particle=2 * sharding.tree_bytes(theta)
+        bytes_per_particle=theta_copies * sharding.tree_bytes(theta)
         + 3 * sharding.tree_bytes(inner),
         replicated_bytes=sharding.tree_bytes(es_state) if es_state is not None else 0,
         mesh=mesh,

@@ -1,10 +1,17 @@
 """OpenAI-ES over full unrolls (Salimans et al. 2017, arXiv 1703.03864).
 
-Every meta-iteration asks the evosax algorithm for a population of meta-parameters,
-trains one task per particle from scratch for the whole horizon (one `lax.scan`,
-vmapped over the population), scores each run by its meta-loss and tells the
-algorithm. Antithetic partners train the same task from the same initialisation on
-the same minibatches.
+Every meta-iteration perturbs the mean meta-parameters once per particle, trains one
+task per particle from scratch for the whole horizon (one `lax.scan`, vmapped over
+the population), scores each run by its meta-loss and tells the evosax algorithm.
+Antithetic partners train the same task from the same initialisation on the same
+minibatches.
+
+With evosax's Open_ES (the default) the population is never built: each particle
+regenerates its own perturbation from the ask key and its index inside the sharded
+population map, and the tell regenerates them again, a chunk at a time on each
+device, to sum the gradient (`es_l2o.es.keyed.KeyedOpenES`). The mean, the ES state
+and the fitness are replicated; no device holds more than its own particles'
+thetas. Other evosax algorithms ask for and tell the whole population.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from evosax.algorithms import distribution_based_algorithms
+from evosax.algorithms import Open_ES, distribution_based_algorithms
 from flax import struct
 from jax.sharding import Mesh
 
 from es_l2o import sharding
 from es_l2o.es import common
+from es_l2o.es.keyed import KeyedOpenES
 from es_l2o.unroll import UnrolledSystem
 
 #: how a full unroll is scored
@@ -69,7 +77,8 @@ class FullES:
         optimizer: the meta-optimizer (optax) applied to the ES gradient estimate.
         num_steps: unroll length (default: the system's `max_horizon`).
         algorithm: name of an evosax distribution-based algorithm ("Open_ES", "SNES",
-            "PGPE", ...) or its class.
+            "PGPE", ...) or its class; Open_ES runs as `KeyedOpenES` (the same
+            estimator, its perturbations regenerated from keys).
         meta_loss: "train_mean" (mean training loss over the unroll), "train_final"
             (training loss of the final parameters), "validation" (validation loss of
             the final parameters), or "auto": validation where the system has a
@@ -132,7 +141,9 @@ class FullES:
         self.num_steps = num_steps
         self.meta_loss = meta_loss
         self.nonfinite_penalty = float(nonfinite_penalty)
-        self._algorithm_name = algorithm
+        self._algorithm_name = (
+            KeyedOpenES if algorithm == "Open_ES" or algorithm is Open_ES else algorithm
+        )
         self._fitness_shaping = fitness_shaping
         self._algorithm_kwargs = dict(algorithm_kwargs or {})
         self.algorithm = None
@@ -145,9 +156,8 @@ class FullES:
         common.choose(fitness_shaping, common.FITNESS_SHAPING, "fitness shaping")
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
-        name = algorithm if isinstance(algorithm, str) else algorithm.__name__
         common.check_population(
-            self.population_size, name in common.ANTITHETIC_ALGORITHMS
+            self.population_size, common.is_antithetic_class(algorithm)
         )
         self.step = jax.jit(self._step)
 
@@ -165,12 +175,22 @@ class FullES:
             self.antithetic = common.is_antithetic(algorithm)
             self.algorithm, self.params = algorithm, params
 
+    @property
+    def keyed(self) -> bool:
+        """Whether particles regenerate their perturbations from keys (Open_ES)."""
+        return isinstance(self.algorithm, KeyedOpenES)
+
     def init(self, key: jax.Array, theta) -> ESState:
         """ES state centred on `theta`."""
         self._build(theta)
         es_state = self.algorithm.init(key, theta, self.params)
         common.check_population_memory(
-            self.system, theta, self.population_size, self.mesh, es_state
+            self.system,
+            theta,
+            self.population_size,
+            self.mesh,
+            es_state,
+            theta_copies=1 if self.keyed else 2,
         )
         state = ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
         return sharding.put_replicated(common.strong_types(state), self.mesh)
@@ -185,15 +205,12 @@ class FullES:
 
     def _step(self, key, state: ESState):
         key_ask, key_unroll, key_tell = jax.random.split(key, 3)
-        population, es_state = self.algorithm.ask(key_ask, state.es_state, self.params)
         keys = common.particle_keys(key_unroll, self.population_size, self.antithetic)
-        raw, failed = sharding.map_population(
-            self.unroll, (population, keys), self.mesh, self.particle_chunk
-        )
-        fitness = common.sanitize_fitness(raw, self.nonfinite_penalty)
-        es_state, _ = self.algorithm.tell(
-            key_tell, population, fitness, es_state, self.params
-        )
+        if self.keyed:
+            update = self._keyed_update(key_ask, keys, state.es_state)
+        else:
+            update = self._population_update(key_ask, key_tell, keys, state.es_state)
+        es_state, fitness, failed = update
         mean = es_state.mean
         metrics = {
             "meta_loss": jnp.mean(fitness),
@@ -205,3 +222,35 @@ class FullES:
         }
         state = ESState(es_state=es_state, iteration=state.iteration + 1)
         return common.strong_types(state), metrics
+
+    def _keyed_update(self, key_ask, keys, es_state):
+        """Each particle builds its theta from (key_ask, its index) where it runs."""
+        algorithm = self.algorithm
+
+        def unroll(index, key):
+            flat = algorithm.perturbation(es_state, key_ask, index)
+            return self.unroll(algorithm._unravel_solution(flat), key)
+
+        indices = jnp.arange(self.population_size)
+        raw, failed = sharding.map_population(
+            unroll, (indices, keys), self.mesh, self.particle_chunk
+        )
+        fitness = sharding.replicate(
+            common.sanitize_fitness(raw, self.nonfinite_penalty), self.mesh
+        )
+        es_state = algorithm.keyed_tell(
+            key_ask, fitness, es_state, self.params, self.mesh, self.particle_chunk
+        )
+        return sharding.replicate(es_state, self.mesh), fitness, failed
+
+    def _population_update(self, key_ask, key_tell, keys, es_state):
+        """evosax's ask and tell on the whole (P, D) population."""
+        population, es_state = self.algorithm.ask(key_ask, es_state, self.params)
+        raw, failed = sharding.map_population(
+            self.unroll, (population, keys), self.mesh, self.particle_chunk
+        )
+        fitness = common.sanitize_fitness(raw, self.nonfinite_penalty)
+        es_state, _ = self.algorithm.tell(
+            key_tell, population, fitness, es_state, self.params
+        )
+        return es_state, fitness, failed

@@ -160,6 +160,20 @@ def lstm_preprocess(grad: jax.Array, p: float = LSTM_PREPROCESS_P) -> jax.Array:
     return jnp.stack([log_part, sign_part], axis=-1)
 
 
+def relu(x: jax.Array) -> jax.Array:
+    """ReLU as a select, `where(x > 0, x, 0)` (NaN maps to 0).
+
+    `jax.nn.relu` is a NaN-propagating maximum, which costs two more vector
+    instructions per entry; in the fused per-parameter MLPs that is a tenth of the
+    pass.
+
+    Example:
+        >>> relu(jnp.array([-1.0, 2.0])).tolist()
+        [0.0, 2.0]
+    """
+    return jnp.where(x > 0.0, x, 0.0)
+
+
 def log_feature(x: jax.Array) -> jax.Array:
     """A positive scale as a bounded feature: `clip(log|10 x|, -5, 5) / 2` (VeLO)."""
     return 0.5 * jnp.clip(jnp.log(jnp.abs(10.0 * x) + 1e-30), -5.0, 5.0)
@@ -299,10 +313,12 @@ def update_factored(
     grad_sq: jax.Array,
     decays: Sequence[float],
     extent: jax.Array | None = None,
+    sums: tuple[jax.Array, jax.Array] | None = None,
 ) -> FactoredMoments:
     """One EMA step of the row and column means of `grad_sq` (one tensor's g**2).
 
-    `extent`: the true `(batch, rows, cols)` when `grad_sq` is a zero-padded view.
+    `extent`: the true `(batch, rows, cols)` when `grad_sq` is a zero-padded view;
+    `sums`: its `matrix_sums`, when already at hand.
 
     Example:
         >>> s = update_factored(init_factored((2, 2), 1),
@@ -312,11 +328,23 @@ def update_factored(
     """
     mat = matrix_view(grad_sq)
     _, rows, cols = _extent(extent, mat.shape)
+    row_sums, col_sums = matrix_sums(mat) if sums is None else sums
     d = jnp.asarray(decays, jnp.float32)[:, None, None]
     return FactoredMoments(
-        rows=d * state.rows + (1.0 - d) * (jnp.sum(mat, axis=2) / cols)[None],
-        cols=d * state.cols + (1.0 - d) * (jnp.sum(mat, axis=1) / rows)[None],
+        rows=d * state.rows + (1.0 - d) * (row_sums / cols)[None],
+        cols=d * state.cols + (1.0 - d) * (col_sums / rows)[None],
     )
+
+
+def matrix_sums(mat: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row sums `(batch, rows)` and column sums `(batch, cols)` of a `matrix_view`.
+
+    Example:
+        >>> rows, cols = matrix_sums(jnp.array([[[1.0, 2.0], [3.0, 4.0]]]))
+        >>> rows.tolist(), cols.tolist()
+        ([[3.0, 7.0]], [[4.0, 6.0]])
+    """
+    return jnp.sum(mat, axis=2), jnp.sum(mat, axis=1)
 
 
 def _extent(extent, shape):

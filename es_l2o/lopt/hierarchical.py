@@ -69,6 +69,22 @@ class HierarchicalState(NamedTuple):
     lstm_c: jax.Array
 
 
+class ParamFeatures(NamedTuple):
+    """One tensor's per-parameter MLP inputs, by how they vary.
+
+    entries: `(input index, array, scale)`: input = scale * array, per entry.
+    products: `(factor, terms)`: each term `(input index, array or None, scale)` is
+    the input `factor * scale * array` (`factor * scale` where array is None).
+    rows / cols: `{input index: (batch, rows) or (batch, cols)}`, inputs that are
+    constant along a row or a column.
+    """
+
+    entries: list
+    products: list
+    rows: dict
+    cols: dict
+
+
 class _NormalStream:
     """Consecutive slices of one standard-normal draw.
 
@@ -287,25 +303,37 @@ class HierarchicalLOpt(LearnedOptimizer):
         # a spread below float32's resolution of mean_sq - mean**2 is rounding noise
         # that differs between compiled programs: floor it at that resolution
         var = lambda mean, mean_sq: jnp.maximum(mean_sq - mean**2, 1e-6 * mean_sq)
-        cols = [
-            F.symlog_feature(sums["g"] / scale_p),
-            F.log_feature(jnp.sqrt(var(sums["g"], sums["g2"])) / scale_p),
-        ]
-        for d in range(nm):
-            cols.append(F.symlog_feature(sums["m"][d] / scale_p))
-            cols.append(
-                F.log_feature(jnp.sqrt(var(sums["m"][d], sums["m2"][d])) / scale_p)
+        # one symlog and one log over stacked rows (not one small op per column)
+        signed = F.symlog_feature(
+            jnp.concatenate([sums["g"][None], sums["m"]]) / scale_p
+        )
+        spreads = jnp.sqrt(
+            jnp.concatenate(
+                [var(sums["g"], sums["g2"])[None], var(sums["m"], sums["m2"])]
             )
-        cols += [
-            F.log_feature(jnp.sqrt(sums["v"]) / scale_p),
-            # the current gradient scale relative to its running average
-            F.log_feature(0.1 * jnp.sqrt(sums["g2"] / (sums["v"] + 1e-30))),
-            F.log_feature(jnp.sqrt(sums["p2"])),
-            jnp.asarray(np.log(sizes) / 10.0, jnp.float32),
-        ]
+        )
+        scales = F.log_feature(
+            jnp.concatenate(
+                [
+                    spreads / scale_p,
+                    jnp.stack(
+                        [
+                            jnp.sqrt(sums["v"]) / scale_p,
+                            # the current gradient scale relative to its average
+                            0.1 * jnp.sqrt(sums["g2"] / (sums["v"] + 1e-30)),
+                            jnp.sqrt(sums["p2"]),
+                        ]
+                    ),
+                ]
+            )
+        )
+        # columns: (symlog mean, log spread) for g and each momentum, then the rest
+        pairs = jnp.stack([signed, scales[: nm + 1]], axis=1).reshape(2 * nm + 2, -1)
+        cols = [pairs, scales[nm + 1 :], jnp.asarray(np.log(sizes)[None] / 10.0)]
+        cols = jnp.concatenate(cols).astype(jnp.float32).T
         per_tensor = jnp.concatenate(
             [
-                jnp.stack(cols, axis=1),
+                cols,
                 jnp.asarray(F.rank_one_hot([len(s) for s in shapes])),
             ],
             axis=1,
@@ -360,29 +388,43 @@ class HierarchicalLOpt(LearnedOptimizer):
             start += n
         return out
 
-    def per_param_mlp(self, features, row_features, col_features, weights):
+    def per_param_mlp(self, features: ParamFeatures, weights):
         """One tensor's generated MLP: returns (direction, log-magnitude).
 
-        features: per-entry inputs `(batch, rows, cols)` in the order of
-        `param_features`; row_features / col_features: `{input index: (batch, rows)
-        or (batch, cols)}` for the inputs that are constant along a row or a column,
-        whose first-layer terms are computed once per row or column and broadcast.
-        weights: this tensor's `(num_mlp_weights,)`. Written as scalar-times-array
-        sums so that XLA fuses the whole MLP with the features into one pass.
+        features: the tensor's `param_features`; weights: its `(num_mlp_weights,)`.
+        Written as scalar-times-array sums so that XLA fuses the whole MLP with the
+        features into one pass. Terms that share a per-entry factor are summed
+        before the factor is applied (`ParamFeatures.products`), so that only the
+        base arrays, not every feature, stay live across the hidden units.
         """
         w = self._unpack_weights(weights)
         w0, b0 = w["w0"], w["b0"]
+        units = range(w0.shape[1])
+
+        def weighted(k, x, scale, j):
+            coeff = w0[k, j] * scale
+            return coeff if x is None else coeff * x
+
+        row = jnp.stack(
+            [sum(w0[k, j] * x for k, x in features.rows.items()) + b0[j] for j in units]
+        )
+        col = jnp.stack(
+            [sum(w0[k, j] * x for k, x in features.cols.items()) for j in units]
+        )
+        # materialised: fused into the per-entry pass, XLA would recompute every
+        # row's and column's terms once per entry
+        row, col = jax.lax.optimization_barrier((row, col))
         hidden = []
-        for j in range(w0.shape[1]):
-            row = sum(w0[k, j] * x for k, x in row_features.items()) + b0[j]
-            col = sum(w0[k, j] * x for k, x in col_features.items())
-            acc = row[:, :, None] + col[:, None, :]
-            for k, x in features.items():
-                acc = acc + w0[k, j] * x
+        for j in units:
+            acc = row[j][:, :, None] + col[j][:, None, :]
+            for term in features.entries:
+                acc = acc + weighted(*term, j)
+            for factor, terms in features.products:
+                acc = acc + factor * sum(weighted(*term, j) for term in terms)
             hidden.append(acc)
         num_layers = len(self.hidden_sizes) + 1
         for layer in range(1, num_layers):
-            hidden = [jax.nn.relu(h) for h in hidden]
+            hidden = [F.relu(h) for h in hidden]
             wl, bl = w[f"w{layer}"], w[f"b{layer}"]
             hidden = [
                 sum((wl[k, j] * h for k, h in enumerate(hidden)), bl[j])
@@ -390,39 +432,43 @@ class HierarchicalLOpt(LearnedOptimizer):
             ]
         return hidden[0], hidden[1]
 
-    def param_features(self, g, p, momenta, v, factored, scales):
+    def param_features(self, g, p, momenta, v, factored, scales) -> ParamFeatures:
         """One tensor's MLP inputs, split by how they vary.
 
         g, p, v: `(batch, rows, cols)` (the `matrix_view`); momenta: a stack of those;
         factored: `(row_factor, col_factor, col_mean)` of `F.factored_factors`;
-        scales: this tensor's scalars.
-
-        Returns:
-            (per-entry `{index: array}`, per-row `{index: (batch, rows)}`,
-            per-column `{index: (batch, cols)}`), indices in the order of the inputs.
+        scales: this tensor's scalars. Input k is, in this order: g, clip(g), p,
+        each momentum, sqrt(v) (each over its tensor RMS); each momentum, the
+        tensor's rms(sqrt(v)) and g over sqrt(v); then per factored decay its row
+        and column factors, their reciprocal roots, and g and a momentum over the
+        factored root second moment.
         """
-        nm = len(self.momentum_decays)
+        nm, one = len(self.momentum_decays), 1.0
         rinv_v = jax.lax.rsqrt(v + scales["eps_v"])
-        g_n = g * scales["inv_rms_g"]
-        feats = [g_n, jnp.clip(g_n, -1.0, 1.0), p * scales["inv_scale_p"]]
-        feats += [momenta[d] * scales["inv_rms_m"][d] for d in range(nm)]
-        feats.append(jnp.sqrt(v) * scales["inv_rms_sv"])
-        feats += [momenta[d] * rinv_v for d in range(nm)]
-        feats += [rinv_v * scales["rms_sv"], g * rinv_v]
-        entries = dict(enumerate(feats))
+        clipped = jnp.clip(g * scales["inv_rms_g"], -1.0, 1.0)
+        entries = [(0, g, scales["inv_rms_g"]), (1, clipped, one)]
+        entries.append((2, p, scales["inv_scale_p"]))
+        entries += [(3 + d, momenta[d], scales["inv_rms_m"][d]) for d in range(nm)]
+        entries.append((3 + nm, jnp.sqrt(v), scales["inv_rms_sv"]))
+        base = 4 + nm  # inputs over sqrt(v)
+        over_root = [(base + d, momenta[d], one) for d in range(nm)]
+        over_root += [(base + nm, None, scales["rms_sv"]), (base + nm + 1, g, one)]
+        products = [(rinv_v, over_root)]
         rows, cols = {}, {}
         row_factor, col_factor, col_mean = factored
-        inv_rms_c = jax.lax.rsqrt(col_mean + 1e-30)
+        r_root = jax.lax.rsqrt(row_factor + 1e-3)
+        c_root = jax.lax.rsqrt(col_factor + 1e-3)
+        row_scale = r_root * jax.lax.rsqrt(col_mean + 1e-30)[:, None, None]
+        first = base + nm + 2
         for d in range(len(self.factored_decays)):
-            base = len(feats) + 6 * d
-            r, c = row_factor[d], col_factor[d]
-            r_root, c_root = jax.lax.rsqrt(r + 1e-3), jax.lax.rsqrt(c + 1e-3)
-            rows[base], cols[base + 1] = r, c
-            rows[base + 2], cols[base + 3] = r_root, c_root
-            ada = (r_root * inv_rms_c[d])[:, :, None] * c_root[:, None, :]
-            entries[base + 4] = g * ada
-            entries[base + 5] = momenta[min(d, nm - 1)] * ada
-        return entries, rows, cols
+            k = first + 6 * d
+            rows[k], cols[k + 1] = row_factor[d], col_factor[d]
+            rows[k + 2], cols[k + 3] = r_root[d], c_root[d]
+            ada = row_scale[d][:, :, None] * c_root[d][:, None, :]
+            products.append(
+                (ada, [(k + 4, g, one), (k + 5, momenta[min(d, nm - 1)], one)])
+            )
+        return ParamFeatures(entries, products, rows, cols)
 
     # -- the transform ---------------------------------------------------------------
 
@@ -442,11 +488,14 @@ class HierarchicalLOpt(LearnedOptimizer):
         momenta, v = F.update_moments(
             momenta, v, g, self.momentum_decays, self.second_moment_decay
         )
-        factored = F.update_factored(factored, g * g, self.factored_decays, extent)
+        sums = F.matrix_sums(g * g)
+        factored = F.update_factored(
+            factored, g * g, self.factored_decays, extent, sums
+        )
         inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding entries are zero
         means = {
             "g": jnp.sum(g) * inv,
-            "g2": jnp.sum(g * g) * inv,
+            "g2": jnp.sum(sums[0]) * inv,
             "p2": jnp.sum(p * p) * inv,
             "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
         }
@@ -458,7 +507,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         features = self.param_features(
             g, p, momenta, v, F.factored_factors(factored, extent), scales
         )
-        direction, magnitude = self.per_param_mlp(*features, weights)
+        direction, magnitude = self.per_param_mlp(features, weights)
         return direction * jnp.exp(self.exp_mult * magnitude) * scales["step"]
 
     def _statistics(self, state, groups, grads, params):
