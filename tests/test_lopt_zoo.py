@@ -238,6 +238,28 @@ def test_generated_weights_follow_tensor_statistics(hierarchical):
     assert other.shape == (2, lopt.num_mlp_weights)
 
 
+def test_hierarchical_stays_finite_on_nan_and_inf_gradients():
+    """Statistics read the raw gradient (no clipped copy): their sums saturate."""
+    lopt = HierarchicalLOpt(**SMALL_HIERARCHICAL)
+    opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=50)
+    params = {"w": jnp.ones((6, 5)), "b": jnp.zeros(5)}
+    bad = {
+        "w": jnp.ones((6, 5)).at[2, 3].set(jnp.nan).at[1, 1].set(jnp.inf),
+        "b": jnp.full(5, -1e38),  # its square overflows
+    }
+    update = jax.jit(opt.update)
+    state = opt.init(params)
+    finite = lambda tree: all(
+        bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+    )
+    updates, state = update(bad, state, params, value=jnp.float32(1.0))
+    assert finite(updates) and finite(state)
+    good = jax.tree.map(jnp.ones_like, params)
+    updates, state = update(good, state, params, value=jnp.float32(1.0))
+    assert finite(updates) and finite(state)
+    assert float(jnp.abs(updates["w"]).max()) > 0
+
+
 def test_hierarchical_per_parameter_mlp_equals_a_dense_reference():
     """The fused pass (folded scales, shared factors, row and column terms) computes
     the documented 30 inputs times a plain 30-4-4-2 MLP."""

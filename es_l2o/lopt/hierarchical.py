@@ -109,6 +109,11 @@ def _dense(normals, fan_in, fan_out, scale=1.0):
     return {"w": w, "b": jnp.zeros((fan_out,))}
 
 
+def _saturate(total: jax.Array) -> jax.Array:
+    """A sum over a tensor's raw gradient made safe: NaN -> 0, +-inf -> +-1e30."""
+    return jnp.nan_to_num(total, nan=0.0, posinf=1e30, neginf=-1e30)
+
+
 class HierarchicalLOpt(LearnedOptimizer):
     """Per-tensor LSTM hypernetwork over a per-parameter MLP (VeLO's design).
 
@@ -482,19 +487,24 @@ class HierarchicalLOpt(LearnedOptimizer):
             ((g, p, momenta, v, factored, extent), means) where means holds the
             tensor's mean g, g^2, p^2 and each momentum's mean square.
         """
-        g = F.clip_gradient(g.astype(jnp.float32))
+        raw = g.astype(jnp.float32)
+        g = F.clip_gradient(raw)
         p = p.astype(jnp.float32)
         # all momenta in one array: one pass, and no copy into the new state
         momenta, v = F.update_moments(
             momenta, v, g, self.momentum_decays, self.second_moment_decay
         )
-        sums = F.matrix_sums(g * g)
+        # products, not a shared raw**2: that would be written out and read back
+        sums = (
+            _saturate(jnp.einsum("brc,brc->br", raw, raw)),
+            _saturate(jnp.einsum("brc,brc->bc", raw, raw)),
+        )
         factored = F.update_factored(
             factored, g * g, self.factored_decays, extent, sums
         )
         inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding entries are zero
         means = {
-            "g": jnp.sum(g) * inv,
+            "g": _saturate(jnp.sum(raw)) * inv,
             "g2": jnp.sum(sums[0]) * inv,
             "p2": jnp.sum(p * p) * inv,
             "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
