@@ -53,19 +53,26 @@ SCRIPT = textwrap.dedent(
         stagger=True,
     )
 
-    def run_pes(mesh):
+    def run_pes(mesh, noise="stored"):
         es = PES(pes_system, population_size=16, std=0.01, truncation_length=3,
-                 optimizer=optax.adam(1e-2), mesh=mesh)
+                 optimizer=optax.adam(1e-2), mesh=mesh, noise=noise)
         state = es.init(jax.random.key(0), lopt.init(jax.random.key(1)))
         for i in range(3):
             state, _ = es.step(jax.random.key(20 + i), state)
         assert es.step._cache_size() == 1, "the second PES step recompiled"
-        return es.theta(state)
+        text = es.step.lower(jax.random.key(0), state).compile().as_text()
+        return es.theta(state), theta_rows(text, es.algorithm.num_dims)
 
     # summation order across devices differs: theta agrees to float tolerance
-    for a, b in zip(jax.tree.leaves(run_pes(population_mesh(1))),
-                    jax.tree.leaves(run_pes(population_mesh(8)))):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for noise in ("stored", "keys"):
+        one_pes, _ = run_pes(population_mesh(1), noise)
+        eight_pes, rows = run_pes(population_mesh(8), noise)
+        for a, b in zip(jax.tree.leaves(one_pes), jax.tree.leaves(eight_pes)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        # keys: each device makes the noise of its own 2 particles only (two
+        # Brownian-path points each), never the 8 pairs' or 16 particles' rows;
+        # stored noise keeps the 8 pairs' accumulators in the replicated ES state
+        assert rows == (8 if noise == "stored" else 4), (noise, rows)
 
     one, _, _ = run(population_mesh(1))
     eight, rows, text = run(population_mesh(8))

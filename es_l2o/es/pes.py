@@ -318,6 +318,7 @@ class _PerParticleMixin:
         old_fitness: jax.Array,
         new_fitness: jax.Array,
         noise: tuple | None = None,
+        per_particle: bool = False,
     ) -> jax.Array:
         """The flat ES gradient from each pair's loss differences (M,).
 
@@ -325,7 +326,9 @@ class _PerParticleMixin:
             when the truncation began (weighted by its accumulated score);
         new_fitness: the same for losses after a reset inside the truncation
             (weighted by the perturbation the new episode used alone).
-        noise: `pair_noise` of all pairs if already at hand (else regenerated).
+        noise: `pair_noise` of all pairs if already at hand (else regenerated);
+        per_particle: `noise` holds one row per particle (pair i mod M, e.g. split
+            over devices), so every pair appears twice.
         """
 
         def chunk_sum(pairs, d_old, d_new):
@@ -334,6 +337,9 @@ class _PerParticleMixin:
 
         if noise is not None:
             _, score, switch = noise
+            if per_particle:  # both partners carry their pair's noise: halve
+                old_fitness = 0.5 * jnp.concatenate([old_fitness, old_fitness])
+                new_fitness = 0.5 * jnp.concatenate([new_fitness, new_fitness])
             total = old_fitness @ score + new_fitness @ (switch / state.std**2)
             return total / self.population_size
 
@@ -648,8 +654,13 @@ class _TruncatedEstimator:
 
     # -- one truncation of the whole population -------------------------------------
 
-    def _unroll_group(self, es_state, pairs, inner, scale, keys, noise=None):
-        """Unrolls the 2c particles of `pairs` (positive partners first) K steps."""
+    def _unroll_group(
+        self, es_state, pairs, inner, scale, keys, noise=None, per_particle=False
+    ):
+        """Unrolls the 2c particles of `pairs` (positive partners first) K steps.
+
+        per_particle: `noise` has one row per particle (see `_particle_noise`).
+        """
         algorithm, system = self.algorithm, self.system
         half, k = pairs.shape[0], self.truncation_length
         if noise is None:
@@ -657,7 +668,12 @@ class _TruncatedEstimator:
         pert, _, switch = noise
 
         def population(pert):
-            flat = es_state.mean + jnp.concatenate([pert, -pert])
+            if per_particle:
+                sign = jnp.where(jnp.arange(2 * half) < half, 1.0, -1.0)
+                flat = es_state.mean + sign[:, None] * pert
+                flat = sharding.shard_population(flat, self.mesh)
+            else:
+                flat = es_state.mean + jnp.concatenate([pert, -pert])
             return jax.vmap(algorithm._unravel_solution)(flat)
 
         thetas = population(pert)
@@ -720,7 +736,7 @@ class _TruncatedEstimator:
         }
         return inner, scale, out
 
-    def _unroll(self, es_state, inner, scale, key, noise=None):
+    def _unroll(self, es_state, inner, scale, key, noise=None, per_particle=False):
         """Unrolls the population in groups of `pair_chunk` pairs."""
         m = self.population_size // 2
         chunk = self.algorithm.pair_chunk
@@ -728,7 +744,9 @@ class _TruncatedEstimator:
         keys = common.particle_keys(key, self.population_size, antithetic=True)
         pairs = jnp.arange(m).reshape(groups, chunk)
         if groups == 1:
-            return self._unroll_group(es_state, pairs[0], inner, scale, keys, noise)
+            return self._unroll_group(
+                es_state, pairs[0], inner, scale, keys, noise, per_particle
+            )
 
         def to_groups(x):  # (P, ...) -> (G, 2c, ...), partners inside one group
             x = x.reshape((2, groups, chunk) + x.shape[1:])
@@ -755,20 +773,24 @@ class _TruncatedEstimator:
         algorithm = self.algorithm
         es_state = algorithm.advance_noise(key_noise, state.es_state)
         m = self.population_size // 2
-        # without chunks, draw (or regenerate) every pair's noise once for both uses
-        noise = (
-            algorithm.pair_noise(es_state, jnp.arange(m))
-            if algorithm.pair_chunk == m
-            else None
-        )
+        # without chunks, draw (or regenerate) every pair's noise once for both uses;
+        # over several devices, each device makes its own particles' rows
+        whole = algorithm.pair_chunk == m
+        per_particle = whole and sharding.population_devices(self.mesh) > 1
+        noise = None
+        if per_particle:
+            noise = self._particle_noise(es_state)
+        elif whole:
+            noise = algorithm.pair_noise(es_state, jnp.arange(m))
         inner, scale, out = self._unroll(
-            es_state, state.inner, state.loss_scale, key_unroll, noise
+            es_state, state.inner, state.loss_scale, key_unroll, noise, per_particle
         )
         grad = algorithm.meta_gradient(
             es_state,
             out["old"][:m] - out["old"][m:],
             out["new"][:m] - out["new"][m:],
             noise,
+            per_particle,
         )
         reset = out["reset"][:m] | out["reset"][m:]
         steps_after = jnp.maximum(
@@ -797,6 +819,17 @@ class _TruncatedEstimator:
             es_state=es_state, inner=inner, loss_scale=scale, iteration=state.iteration
         )
         return grad, new_state, metrics
+
+    def _particle_noise(self, es_state):
+        """`pair_noise` with one row per particle (pair i mod M), split over the
+        mesh: each device regenerates (keys) or gathers (stored) only its own
+        particles' rows, and no device holds every pair's (M, D) noise."""
+        m = self.population_size // 2
+        particles = sharding.shard_population(
+            jnp.arange(self.population_size) % m, self.mesh
+        )
+        noise = self.algorithm.pair_noise(es_state, particles)
+        return sharding.shard_population(noise, self.mesh)
 
     def _gradient(self, key, state):
         grad, new_state, metrics = self._estimate(key, state)
