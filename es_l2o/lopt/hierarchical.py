@@ -485,7 +485,10 @@ class HierarchicalLOpt(LearnedOptimizer):
 
         Returns:
             ((g, p, momenta, v, factored, extent), means) where means holds the
-            tensor's mean g, g^2, p^2 and each momentum's mean square.
+            tensor's mean g, g^2, p^2 and each momentum's mean square. The
+            accumulators and the step use the clipped gradient; the sums of g and
+            g^2 read the raw one and saturate (`_saturate`), so that no clipped
+            copy of the tensor is written out for them.
         """
         raw = g.astype(jnp.float32)
         g = F.clip_gradient(raw)
@@ -505,7 +508,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding entries are zero
         means = {
             "g": _saturate(jnp.sum(raw)) * inv,
-            "g2": jnp.sum(sums[0]) * inv,
+            "g2": _saturate(jnp.sum(sums[0])) * inv,
             "p2": jnp.sum(p * p) * inv,
             "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
         }
