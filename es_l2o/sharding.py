@@ -197,6 +197,34 @@ def sum_population(fn, args, mesh: Mesh | None = None, chunk: int | None = None)
     return replicate(jax.tree.map(lambda x: jnp.sum(x, axis=0), sums), mesh)
 
 
+def pair_sharding(mesh: Mesh | None, num_pairs: int):
+    """Where per-pair rows `(P/2, ...)` live so that each device holds its own
+    particles' pairs, or None (one device, or pairs that do not split).
+
+    Particles are split over the mesh in order, so device d holds particles
+    [d P/n, (d+1) P/n): the positive partners of a block of pairs for d < n/2 and the
+    negative partners of the same block for d >= n/2. Viewing the devices as
+    (2, n/2), pair blocks are split over the second axis and repeated over the
+    first; a device holds 2 P/n / 2 = P/n pair rows, never all P/2.
+
+    Example:
+        >>> pair_sharding(None, 8) is None
+        True
+    """
+    count = population_devices(mesh)
+    if count < 2 or count % 2 or num_pairs % (count // 2):
+        return None
+    grid = Mesh(mesh.devices.reshape(2, count // 2), ("sign", "pairs"))
+    return NamedSharding(grid, PartitionSpec("pairs"))
+
+
+def constrain(tree, spec: NamedSharding | None):
+    """`with_sharding_constraint` on every leaf, where `spec` is given (in jit)."""
+    if spec is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+
+
 def replicate(tree, mesh: Mesh | None):
     """Places every leaf whole on every device of the mesh (in jit)."""
     if mesh is None:

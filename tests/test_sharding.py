@@ -53,9 +53,9 @@ SCRIPT = textwrap.dedent(
         stagger=True,
     )
 
-    def run_pes(mesh, noise="stored"):
-        es = PES(pes_system, population_size=16, std=0.01, truncation_length=3,
-                 optimizer=optax.adam(1e-2), mesh=mesh, noise=noise)
+    def run_pes(mesh, noise="stored", estimator=PES):
+        es = estimator(pes_system, population_size=16, std=0.01, truncation_length=3,
+                       optimizer=optax.adam(1e-2), mesh=mesh, noise=noise)
         state = es.init(jax.random.key(0), lopt.init(jax.random.key(1)))
         for i in range(3):
             state, _ = es.step(jax.random.key(20 + i), state)
@@ -69,10 +69,16 @@ SCRIPT = textwrap.dedent(
         eight_pes, rows = run_pes(population_mesh(8), noise)
         for a, b in zip(jax.tree.leaves(one_pes), jax.tree.leaves(eight_pes)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-        # keys: each device makes the noise of its own 2 particles only (two
-        # Brownian-path points each), never the 8 pairs' or 16 particles' rows;
-        # stored noise keeps the 8 pairs' accumulators in the replicated ES state
-        assert rows == (8 if noise == "stored" else 4), (noise, rows)
+        # each device holds the noise of its own 2 particles only, never the 8
+        # pairs' or 16 particles' rows (keys: two Brownian-path points each;
+        # stored: its block of 2 pairs' accumulators)
+        assert rows == (2 if noise == "stored" else 4), (noise, rows)
+    # noise reuse switches stored particles to fresh rows drawn on their devices
+    from es_l2o.es import NoiseReuseES
+    reuse_one, _ = run_pes(population_mesh(1), "stored", NoiseReuseES)
+    reuse_eight, _ = run_pes(population_mesh(8), "stored", NoiseReuseES)
+    for a, b in zip(jax.tree.leaves(reuse_one), jax.tree.leaves(reuse_eight)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
     one, _, _ = run(population_mesh(1))
     eight, rows, text = run(population_mesh(8))

@@ -188,6 +188,8 @@ class _PerParticleMixin:
                 f"got {pair_chunk}"
             )
         self.pair_chunk = chunk
+        #: where stored per-pair rows live (`sharding.pair_sharding`; None: whole)
+        self.pair_spec = None
 
     @property
     def switch_on_reset(self) -> bool:
@@ -232,7 +234,10 @@ class _PerParticleMixin:
         """Draws this truncation's perturbations (all pairs, or those that must)."""
         draw = state.resample if self.reuse_noise else jnp.ones_like(state.resample)
         if self.noise == "stored":
-            fresh = state.std * jax.random.normal(key, state.pert.shape)
+            # split like the stored rows: each device draws only its own pairs
+            fresh = state.std * sharding.constrain(
+                jax.random.normal(key, state.pert.shape), self.pair_spec
+            )
             pert = jnp.where(draw[:, None], fresh, state.pert)
             fresh_score = fresh / state.std**2
             if self.persistent or self.reuse_noise:
@@ -302,7 +307,8 @@ class _PerParticleMixin:
         """Stored noise reuse: the fresh perturbations of this truncation (M, D),
         regenerated from the ask key rather than kept in memory."""
         key = jax.random.fold_in(jax.random.wrap_key_data(state.ask_key), 1)
-        return state.std * jax.random.normal(key, state.pert.shape)
+        fresh = jax.random.normal(key, state.pert.shape)
+        return state.std * sharding.constrain(fresh, self.pair_spec)
 
     def noise_overflow(self, state: TruncatedState) -> jax.Array:
         """Pairs whose Brownian path ran past 2**walk_depth truncations (keys PES)."""
@@ -612,6 +618,10 @@ class _TruncatedEstimator:
                 pair_chunk=self.pair_chunk,
             )
             algorithm.std_schedule = self.std_schedule
+            if self.noise == "stored":
+                algorithm.pair_spec = sharding.pair_sharding(
+                    self.mesh, algorithm.num_pairs
+                )
             self.algorithm, self.params = algorithm, params
 
     def _init_inner_states(self, key, theta):
@@ -640,6 +650,15 @@ class _TruncatedEstimator:
         state = sharding.put_replicated(state, self.mesh)
         if self.mesh is None or self.mesh.devices.size == 1:
             return state  # one device: XLA returns such arrays as replicated
+        spec = self.algorithm.pair_spec
+        if spec is not None:
+            es_state = state.es_state
+            state = state.replace(
+                es_state=es_state.replace(
+                    pert=jax.device_put(es_state.pert, spec),
+                    score=jax.device_put(es_state.score, spec),
+                )
+            )
         split = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(sharding.POPULATION_AXIS)
         )
@@ -820,15 +839,47 @@ class _TruncatedEstimator:
         )
         return grad, new_state, metrics
 
+    def _split_rows(self, es_state, replicate: bool = False):
+        """Stored per-pair rows split over the devices that run their pairs (and,
+        with `replicate`, the rest of the ES state whole on every device)."""
+        spec = self.algorithm.pair_spec
+        if spec is None:
+            return sharding.replicate(es_state, self.mesh) if replicate else es_state
+        rows = {"pert": es_state.pert, "score": es_state.score}
+        if replicate:
+            es_state = sharding.replicate(
+                es_state.replace(pert=None, score=None), self.mesh
+            )
+        return es_state.replace(**sharding.constrain(rows, spec))
+
     def _particle_noise(self, es_state):
         """`pair_noise` with one row per particle (pair i mod M), split over the
         mesh: each device regenerates (keys) or gathers (stored) only its own
         particles' rows, and no device holds every pair's (M, D) noise."""
+        algorithm = self.algorithm
+        spec = algorithm.pair_spec
+        if spec is not None:  # stored rows: repeat each device's block, no gather
+            both = jax.sharding.NamedSharding(
+                spec.mesh, jax.sharding.PartitionSpec("sign", "pairs")
+            )
+
+            def rows(x):  # (M, D) pair rows -> (P, D) particle rows
+                x = jnp.broadcast_to(x[None], (2, *x.shape))
+                x = jax.lax.with_sharding_constraint(x, both)
+                return sharding.shard_population(x.reshape(-1, x.shape[-1]), self.mesh)
+
+            pert = rows(es_state.pert)
+            switch = (
+                rows(algorithm._stored_switch(es_state))
+                if algorithm.reuse_noise
+                else pert
+            )
+            return pert, rows(es_state.score), switch
         m = self.population_size // 2
         particles = sharding.shard_population(
             jnp.arange(self.population_size) % m, self.mesh
         )
-        noise = self.algorithm.pair_noise(es_state, particles)
+        noise = algorithm.pair_noise(es_state, particles)
         return sharding.shard_population(noise, self.mesh)
 
     def _gradient(self, key, state):
@@ -840,6 +891,7 @@ class _TruncatedEstimator:
 
     def _step(self, key, state: TruncatedESState):
         state = state.replace(
+            es_state=self._split_rows(state.es_state),
             inner=sharding.shard_population(state.inner, self.mesh),
             loss_scale=sharding.shard_population(state.loss_scale, self.mesh),
         )
@@ -849,7 +901,7 @@ class _TruncatedEstimator:
         metrics["theta_norm"] = jnp.linalg.norm(mean)
         metrics["theta_finite"] = jnp.all(jnp.isfinite(mean))
         state = state.replace(
-            es_state=sharding.replicate(es_state, self.mesh),
+            es_state=self._split_rows(es_state, replicate=True),
             inner=sharding.shard_population(state.inner, self.mesh),
             loss_scale=sharding.shard_population(state.loss_scale, self.mesh),
             iteration=state.iteration + 1,
