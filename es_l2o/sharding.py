@@ -71,10 +71,7 @@ def check_population(population_size: int, mesh: Mesh | None) -> None:
 
 def shard_population(tree, mesh: Mesh | None):
     """Splits the leading (population) axis of every leaf over the mesh (in jit)."""
-    if mesh is None:
-        return tree
-    spec = NamedSharding(mesh, PartitionSpec(POPULATION_AXIS))
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+    return constrain(tree, _spec(mesh, PartitionSpec(POPULATION_AXIS)))
 
 
 def population_devices(mesh: Mesh | None) -> int:
@@ -131,12 +128,9 @@ def map_population(fn, args, mesh: Mesh | None = None, chunk: int | None = None)
     def join(x):
         return jnp.swapaxes(x, 0, 1).reshape((size,) + x.shape[3:])
 
-    split_args = jax.tree.map(split, args)
-    if mesh is not None:
-        spec = NamedSharding(mesh, PartitionSpec(None, POPULATION_AXIS))
-        split_args = jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(x, spec), split_args
-        )
+    split_args = constrain(
+        jax.tree.map(split, args), _spec(mesh, PartitionSpec(None, POPULATION_AXIS))
+    )
     out = jax.lax.map(lambda a: jax.vmap(jax.vmap(fn))(*a), split_args)
     return shard_population(jax.tree.map(join, out), mesh)
 
@@ -160,21 +154,17 @@ def sum_population(fn, args, mesh: Mesh | None = None, chunk: int | None = None)
     per_device = size // devices
     chunk = check_particle_chunk(chunk, size, mesh) or per_device
     steps = per_device // chunk
-
-    def constrain(x, spec):
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    per_device_rows = _spec(mesh, PartitionSpec(None, POPULATION_AXIS))
+    per_device_sums = _spec(mesh, PartitionSpec(POPULATION_AXIS))
 
     def split(x):  # (N, ...) -> (steps, devices, chunk, ...): a device's own rows
         x = x.reshape((devices, steps, chunk) + x.shape[1:])
-        return constrain(jnp.swapaxes(x, 0, 1), PartitionSpec(None, POPULATION_AXIS))
+        return constrain(jnp.swapaxes(x, 0, 1), per_device_rows)
 
     def partial_sums(a):  # (devices, ...): each device's sum over one chunk
         out = jax.vmap(jax.vmap(fn))(*a)
-        return jax.tree.map(
-            lambda x: constrain(jnp.sum(x, axis=1), PartitionSpec(POPULATION_AXIS)),
-            out,
+        return constrain(
+            jax.tree.map(lambda x: jnp.sum(x, axis=1), out), per_device_sums
         )
 
     split_args = jax.tree.map(split, args)
@@ -187,11 +177,9 @@ def sum_population(fn, args, mesh: Mesh | None = None, chunk: int | None = None)
 
         first = jax.tree.map(lambda x: x[0], split_args)
         shapes = jax.eval_shape(partial_sums, first)
-        zeros = jax.tree.map(
-            lambda s: constrain(
-                jnp.zeros(s.shape, s.dtype), PartitionSpec(POPULATION_AXIS)
-            ),
-            shapes,
+        zeros = constrain(
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+            per_device_sums,
         )
         sums, _ = jax.lax.scan(body, zeros, split_args)
     return replicate(jax.tree.map(lambda x: jnp.sum(x, axis=0), sums), mesh)
@@ -205,7 +193,7 @@ def pair_sharding(mesh: Mesh | None, num_pairs: int):
     [d P/n, (d+1) P/n): the positive partners of a block of pairs for d < n/2 and the
     negative partners of the same block for d >= n/2. Viewing the devices as
     (2, n/2), pair blocks are split over the second axis and repeated over the
-    first; a device holds 2 P/n / 2 = P/n pair rows, never all P/2.
+    first; a device holds (P/2) / (n/2) = P/n pair rows, never all P/2.
 
     Example:
         >>> pair_sharding(None, 8) is None
@@ -225,12 +213,13 @@ def constrain(tree, spec: NamedSharding | None):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
 
 
+def _spec(mesh: Mesh | None, partition: PartitionSpec) -> NamedSharding | None:
+    return None if mesh is None else NamedSharding(mesh, partition)
+
+
 def replicate(tree, mesh: Mesh | None):
     """Places every leaf whole on every device of the mesh (in jit)."""
-    if mesh is None:
-        return tree
-    spec = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
+    return constrain(tree, _spec(mesh, PartitionSpec()))
 
 
 def put_replicated(tree, mesh: Mesh | None):

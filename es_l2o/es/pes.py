@@ -854,8 +854,9 @@ class _TruncatedEstimator:
 
     def _particle_noise(self, es_state):
         """`pair_noise` with one row per particle (pair i mod M), split over the
-        mesh: each device regenerates (keys) or gathers (stored) only its own
-        particles' rows, and no device holds every pair's (M, D) noise."""
+        mesh: each device regenerates (keys) or repeats from its own block of the
+        split stored rows (stored) only its own particles' rows, and no device holds
+        every pair's (M, D) noise."""
         algorithm = self.algorithm
         spec = algorithm.pair_spec
         if spec is not None:  # stored rows: repeat each device's block, no gather
@@ -864,8 +865,7 @@ class _TruncatedEstimator:
             )
 
             def rows(x):  # (M, D) pair rows -> (P, D) particle rows
-                x = jnp.broadcast_to(x[None], (2, *x.shape))
-                x = jax.lax.with_sharding_constraint(x, both)
+                x = sharding.constrain(jnp.broadcast_to(x[None], (2, *x.shape)), both)
                 return sharding.shard_population(x.reshape(-1, x.shape[-1]), self.mesh)
 
             pert = rows(es_state.pert)

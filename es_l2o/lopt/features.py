@@ -313,12 +313,10 @@ def update_factored(
     grad_sq: jax.Array,
     decays: Sequence[float],
     extent: jax.Array | None = None,
-    sums: tuple[jax.Array, jax.Array] | None = None,
 ) -> FactoredMoments:
     """One EMA step of the row and column means of `grad_sq` (one tensor's g**2).
 
-    `extent`: the true `(batch, rows, cols)` when `grad_sq` is a zero-padded view;
-    `sums`: its `matrix_sums`, when already at hand.
+    `extent`: the true `(batch, rows, cols)` when `grad_sq` is a zero-padded view.
 
     Example:
         >>> s = update_factored(init_factored((2, 2), 1),
@@ -327,24 +325,34 @@ def update_factored(
         ([[[2.0, 6.0]]], [[[3.0, 5.0]]])
     """
     mat = matrix_view(grad_sq)
-    _, rows, cols = _extent(extent, mat.shape)
-    row_sums, col_sums = matrix_sums(mat) if sums is None else sums
+    return update_factored_sums(
+        state, jnp.sum(mat, axis=2), jnp.sum(mat, axis=1), decays, extent
+    )
+
+
+def update_factored_sums(
+    state: FactoredMoments,
+    row_sums: jax.Array,
+    col_sums: jax.Array,
+    decays: Sequence[float],
+    extent: jax.Array | None = None,
+) -> FactoredMoments:
+    """`update_factored` from the row sums `(batch, rows)` and column sums
+    `(batch, cols)` of g**2, for callers that compute them in their own pass.
+
+    Example:
+        >>> s = update_factored_sums(init_factored((2, 2), 1), jnp.array([[4.0, 12.0]]),
+        ...     jnp.array([[6.0, 10.0]]), decays=(0.0,))
+        >>> s.rows.tolist(), s.cols.tolist()
+        ([[[2.0, 6.0]]], [[[3.0, 5.0]]])
+    """
+    shape = (row_sums.shape[0], row_sums.shape[1], col_sums.shape[1])
+    _, rows, cols = _extent(extent, shape)
     d = jnp.asarray(decays, jnp.float32)[:, None, None]
     return FactoredMoments(
         rows=d * state.rows + (1.0 - d) * (row_sums / cols)[None],
         cols=d * state.cols + (1.0 - d) * (col_sums / rows)[None],
     )
-
-
-def matrix_sums(mat: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Row sums `(batch, rows)` and column sums `(batch, cols)` of a `matrix_view`.
-
-    Example:
-        >>> rows, cols = matrix_sums(jnp.array([[[1.0, 2.0], [3.0, 4.0]]]))
-        >>> rows.tolist(), cols.tolist()
-        ([[3.0, 7.0]], [[4.0, 6.0]])
-    """
-    return jnp.sum(mat, axis=2), jnp.sum(mat, axis=1)
 
 
 def _extent(extent, shape):

@@ -498,17 +498,15 @@ class HierarchicalLOpt(LearnedOptimizer):
             momenta, v, g, self.momentum_decays, self.second_moment_decay
         )
         # products, not a shared raw**2: that would be written out and read back
-        sums = (
-            _saturate(jnp.einsum("brc,brc->br", raw, raw)),
-            _saturate(jnp.einsum("brc,brc->bc", raw, raw)),
-        )
-        factored = F.update_factored(
-            factored, g * g, self.factored_decays, extent, sums
+        row_sums = _saturate(jnp.einsum("brc,brc->br", raw, raw))
+        col_sums = _saturate(jnp.einsum("brc,brc->bc", raw, raw))
+        factored = F.update_factored_sums(
+            factored, row_sums, col_sums, self.factored_decays, extent
         )
         inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding entries are zero
         means = {
             "g": _saturate(jnp.sum(raw)) * inv,
-            "g2": _saturate(jnp.sum(sums[0])) * inv,
+            "g2": _saturate(jnp.sum(row_sums)) * inv,
             "p2": jnp.sum(p * p) * inv,
             "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
         }
