@@ -1,6 +1,7 @@
 """Cost of each learned optimizer against `optax.adam`, measured in one process.
 
-For MLP classifiers of about 10k, 100k and 1M parameters (batch 128) and every
+For MLP classifiers of about 10k, 100k and 1M parameters (batch 128), a 6-block
+transformer of 4.8M parameters whose blocks repeat its tensor shapes, and every
 optimizer config in `configs/lopt/` (or exported files given with `--export`) it
 measures the median time of one update, of one whole train step (forward, backward,
 update, apply), the optimizer-state bytes per parameter, and the same for Adam,
@@ -36,6 +37,10 @@ DEFAULT_LOPTS = ("mlp", "hierarchical", "hierarchical_velo", "lstm", "deep_momen
 #: hidden widths of the benchmark MLPs (784 inputs, 10 classes)
 SIZES = {"10k": (12,), "100k": (128,), "1M": (1024, 256), "100M": (8192, 8192, 4096)}
 BATCH = 128
+#: a decoder-only transformer with repeated blocks (4.8M parameters); its batch is
+#: BATCH tokens (4 sequences of 32), so that its train step stays cheap on a CPU
+TRANSFORMER = {"layers": 6, "width": 256, "vocab": 96, "heads": 4, "seq": 32}
+MODELS = (*SIZES, "transformer")
 
 
 def build_lopt(name: str):
@@ -65,6 +70,81 @@ def mlp_loss(params, batch):
         if i < len(params) - 1:
             x = jax.nn.relu(x)
     return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def transformer_params(key, layers, width, vocab, seq, heads=None):
+    """Embeddings, `layers` pre-norm blocks (attention, 4x MLP) and an output head."""
+    del heads
+    keys = iter(jax.random.split(key, 4 * layers + 3))
+    dense = lambda a, b: {
+        "w": jax.random.normal(next(keys), (a, b)) / np.sqrt(a),
+        "b": jnp.zeros((b,)),
+    }
+    norm = lambda: {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}
+    params = {
+        "embed": 0.02 * jax.random.normal(next(keys), (vocab, width)),
+        "position": 0.02 * jax.random.normal(next(keys), (seq, width)),
+        "head": jax.random.normal(next(keys), (width, vocab)) / np.sqrt(width),
+    }
+    for i in range(layers):
+        params[f"block_{i}"] = {
+            "norm_1": norm(),
+            "qkv": dense(width, 3 * width),
+            "out": dense(width, width),
+            "norm_2": norm(),
+            "up": dense(width, 4 * width),
+            "down": dense(4 * width, width),
+        }
+    return params
+
+
+def transformer_loss(params, batch, heads=TRANSFORMER["heads"]):
+    """Next-token cross-entropy of a causal transformer on `(tokens, targets)`."""
+    tokens, targets = batch
+    seq = tokens.shape[1]
+
+    def layer_norm(x, p):
+        x = x - x.mean(-1, keepdims=True)
+        return (
+            x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-5) * p["scale"]
+            + p["bias"]
+        )
+
+    x = params["embed"][tokens] + params["position"][:seq]
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    for i in range(sum(k.startswith("block_") for k in params)):
+        block = params[f"block_{i}"]
+        h = layer_norm(x, block["norm_1"])
+        qkv = h @ block["qkv"]["w"] + block["qkv"]["b"]
+        q, k, v = jnp.split(qkv.reshape(*qkv.shape[:2], 3 * heads, -1), 3, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+        attention = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+        mixed = jnp.einsum("bhqk,bkhd->bqhd", attention, v).reshape(x.shape)
+        x = x + mixed @ block["out"]["w"] + block["out"]["b"]
+        h = layer_norm(x, block["norm_2"])
+        h = jax.nn.gelu(h @ block["up"]["w"] + block["up"]["b"])
+        x = x + h @ block["down"]["w"] + block["down"]["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(
+        x @ params["head"], targets
+    ).mean()
+
+
+def build_model(size: str):
+    """(params, loss_fn, batch) of a benchmark model: an MLP of `SIZES` or the
+    `TRANSFORMER`."""
+    kx, ky = jax.random.split(jax.random.key(1))
+    if size == "transformer":
+        cfg = TRANSFORMER
+        tokens = jax.random.randint(kx, (BATCH // cfg["seq"], cfg["seq"] + 1), 0, 96)
+        batch = (tokens[:, :-1], tokens[:, 1:])
+        return transformer_params(jax.random.key(0), **cfg), transformer_loss, batch
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: choose from {list(MODELS)}")
+    batch = (
+        jax.random.normal(kx, (BATCH, 784)),
+        jax.random.randint(ky, (BATCH,), 0, 10),
+    )
+    return mlp_params(jax.random.key(0), SIZES[size]), mlp_loss, batch
 
 
 def make_fns(opt, loss_fn):
@@ -105,23 +185,17 @@ def state_bytes(state) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def bench_size(size, hidden, opts, repeats, budget_s):
-    key = jax.random.key(0)
-    params = mlp_params(key, hidden)
+def bench_size(size, opts, repeats, budget_s):
+    params, loss_fn, batch = build_model(size)
     n = sum(x.size for x in jax.tree.leaves(params))
-    kx, ky = jax.random.split(jax.random.key(1))
-    batch = (
-        jax.random.normal(kx, (BATCH, 784)),
-        jax.random.randint(ky, (BATCH,), 0, 10),
-    )
-    loss, grads = jax.value_and_grad(mlp_loss)(params, batch)
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     adam = optax.adam(1e-3)
     adam_state = adam.init(params)
-    adam_update, adam_step = make_fns(adam, mlp_loss)
+    adam_update, adam_step = make_fns(adam, loss_fn)
     rows = []
     for name, opt in opts.items():
         state = opt.init(params)
-        update, step = make_fns(opt, mlp_loss)
+        update, step = make_fns(opt, loss_fn)
         t_up, t_adam_up, reps = interleaved(
             update,
             (grads, state, params, loss),
@@ -202,13 +276,15 @@ def markdown(rows, compile_rows, machine) -> str:
     lines = [
         f"Machine: {machine}",
         "",
-        "| params | optimizer | update ms | x Adam | train step ms | x Adam "
+        "| model | params | optimizer | update ms | x Adam | train step ms | x Adam "
         "| state B/param (Adam) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        model = "MLP" if r["size"] in SIZES else r["size"]
         lines.append(
-            f"| {r['num_params']:,} | {r['optimizer']} | {r['update_ms']:.3f} "
+            f"| {model} | {r['num_params']:,} | {r['optimizer']} "
+            f"| {r['update_ms']:.3f} "
             f"| {r['update_ratio']:.2f} | {r['step_ms']:.3f} | {r['step_ratio']:.2f} "
             f"| {r['state_bytes_per_param']:.1f} "
             f"({r['adam_state_bytes_per_param']:.1f}) |"
@@ -246,7 +322,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "analysis" / "results"))
     parser.add_argument(
-        "--sizes", default="10k,100k,1M", help=f"comma list from {sorted(SIZES)}"
+        "--sizes",
+        default="10k,100k,1M,transformer",
+        help=f"comma list from {list(MODELS)}",
     )
     parser.add_argument(
         "--lopts",
@@ -282,7 +360,7 @@ def main(argv=None):
     print(machine, flush=True)
     rows = []
     for size in args.sizes.split(","):
-        rows += bench_size(size, SIZES[size], opts, args.repeats, args.budget)
+        rows += bench_size(size, opts, args.repeats, args.budget)
     compile_rows = [] if args.no_compile else compile_times(opts)
 
     out = Path(args.out)

@@ -345,6 +345,41 @@ def test_padded_buckets_do_not_change_the_updates(name, monkeypatch):
         np.testing.assert_allclose(padded[key], exact[key], rtol=2e-4, atol=1e-7)
 
 
+def test_large_tensors_of_one_shape_are_read_in_place(hierarchical, monkeypatch):
+    """Large tensors keep a group each (a stack would copy them every step); the
+    updates equal those of the stacked, zero-padded bucket that small ones share."""
+    lopt, theta = hierarchical
+    opt = lopt.transform(theta, num_steps=10)
+    keys = jax.random.split(jax.random.key(3), 4)
+    params = {
+        "a": jax.random.normal(keys[0], (4, 5)),
+        "b": jax.random.normal(keys[1], (4, 5)),
+        "c": jax.random.normal(keys[2], (3,)),
+        "d": jax.random.normal(keys[3], (4,)),
+    }
+    grads = jax.tree.map(jnp.sin, params)
+
+    def update():
+        state = opt.init(params)
+        fn = jax.jit(lambda g, s, p: opt.update(g, s, p, value=1.0))
+        return fn(grads, state, params)[0], fn.lower(grads, state, params)
+
+    stacked, _ = update()  # every tensor is small: two zero-padded buckets
+    monkeypatch.setattr(F, "BUCKET_MAX_ENTRIES", 8)  # now a and b are large
+    groups = F.ShapeGroups.of(params, F.matrix_shape)
+    assert [g.leaves for g in groups] == [(0,), (1,), (2, 3)]
+    in_place, lowered = update()
+    hlo = lowered.compile().as_text()
+    assert "f32[2,1,4,5]" not in hlo  # no stacked copy of a and b
+    assert "f32[2,1,4,1]" in hlo  # the small c and d still share one bucket
+    monkeypatch.setattr(F, "STACK_LARGE_TENSORS", True)  # a and b share a program
+    groups = F.ShapeGroups.of(params, F.matrix_shape)
+    assert [g.leaves for g in groups] == [(0, 1), (2, 3)]
+    assert "f32[2,1,4,5]" in update()[1].compile().as_text()
+    for key in params:
+        np.testing.assert_allclose(in_place[key], stacked[key], rtol=2e-4, atol=1e-7)
+
+
 def test_hierarchical_refuses_a_per_parameter_mlp_too_large_to_fuse():
     with pytest.raises(ValueError, match=r"768 multiply-adds .* at most 600"):
         HierarchicalLOpt(hidden_sizes=(16, 16))

@@ -1,10 +1,10 @@
 """Accumulators, input features and tensor layouts shared by the learned optimizers.
 
-`mlp` and `hierarchical` update each group of tensors (`ShapeGroups`: one shape, or
-one zero-padded bucket of small tensors) in one fused, vmapped pass; `lstm` and
-`deep_momentum` work on one flat float32 vector (`TensorLayout`). Factored second
-moments (`FactoredMoments`), training-progress and loss features, the coordinatewise
-LSTM preprocessing and gradient clipping are shared by all of them.
+`mlp` and `hierarchical` update each group of tensors (`ShapeGroups`: one large
+tensor, or one zero-padded bucket of small tensors) in one fused, vmapped pass;
+`lstm` and `deep_momentum` work on one flat float32 vector (`TensorLayout`). Factored
+second moments (`FactoredMoments`), training-progress and loss features, the
+coordinatewise LSTM preprocessing and gradient clipping are shared by all of them.
 
 Example:
     >>> import jax.numpy as jnp
@@ -425,10 +425,19 @@ def mlp_multiply_adds(sizes: Sequence[int]) -> int:
 #: tensors of at most this many entries share zero-padded buckets (powers of two per
 #: axis of their view), so a model's many small tensors compile as a few programs
 BUCKET_MAX_ENTRIES = 1 << 16
+#: False: each larger tensor is a group of its own, read in place (one program per
+#: large tensor). True: large tensors of one shape share a program, which compiles
+#: faster for models with hundreds of large tensors but copies them into a stack
+#: every step (`analysis/bench_grouping.py` measures both)
+STACK_LARGE_TENSORS = False
+
+
+def _is_small(view: tuple[int, ...]) -> bool:
+    return int(np.prod(view, dtype=np.int64)) <= BUCKET_MAX_ENTRIES
 
 
 def _padded_view(view: tuple[int, ...]) -> tuple[int, ...]:
-    if int(np.prod(view, dtype=np.int64)) > BUCKET_MAX_ENTRIES:
+    if not _is_small(view):
         return view
     return tuple(1 << max(int(d) - 1, 0).bit_length() for d in view)
 
@@ -493,10 +502,12 @@ class ShapeGroups(tuple):
 
     Tensors are numbered group by group ("tensor order"). Each group's per-parameter
     work is one vmapped program (`map`) that reads its tensors where they are (no
-    flat copy) with their per-tensor values as scalars. Large tensors group by
-    exact view; small ones (at most `BUCKET_MAX_ENTRIES`) share zero-padded buckets,
-    so the compiled update grows with the number of distinct large shapes plus a
-    few buckets, not with the number of tensors.
+    flat copy) with their per-tensor values as scalars. Small tensors (at most
+    `BUCKET_MAX_ENTRIES` entries) share zero-padded buckets, so a model's many small
+    tensors compile as a few programs. A large tensor is a group of its own: stacking
+    it with others of its shape would copy it every step (it is read in place
+    instead), at the price of one program per large tensor, as `optax.adam` compiles
+    one fused pass per tensor (`STACK_LARGE_TENSORS` stacks them instead).
 
     Example:
         >>> groups = ShapeGroups.of({"a": jnp.ones(3), "b": jnp.ones(5),
@@ -508,13 +519,17 @@ class ShapeGroups(tuple):
     @classmethod
     def of(cls, tree, view_fn=None) -> ShapeGroups:
         view_fn = view_fn or (lambda shape: tuple(shape))
-        members: dict[tuple[int, ...], list] = {}
+        members: dict[tuple, tuple[tuple[int, ...], list]] = {}
         for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
             shape = tuple(int(d) for d in jnp.shape(leaf))
             view = tuple(int(d) for d in view_fn(shape))
-            members.setdefault(_padded_view(view), []).append((i, shape, view))
+            padded = _padded_view(view)
+            # stacking a large tensor with others copies it every step: it keeps a
+            # group of its own and is read where it is
+            key = (padded,) if STACK_LARGE_TENSORS or _is_small(view) else (view, i)
+            members.setdefault(key, (padded, []))[1].append((i, shape, view))
         groups, start = [], 0
-        for padded, items in members.items():
+        for padded, items in members.values():
             leaves, shapes, views = (tuple(x) for x in zip(*items, strict=True))
             groups.append(Group(padded, leaves, shapes, views, start))
             start += len(leaves)

@@ -1,0 +1,152 @@
+"""Large tensors read in place against large tensors stacked by shape, in one process.
+
+`features.ShapeGroups` gives every tensor above `BUCKET_MAX_ENTRIES` entries a group
+of its own (`STACK_LARGE_TENSORS = False`, the default): it is read where it is, and
+the compiled update holds one program per large tensor. With `STACK_LARGE_TENSORS =
+True` large tensors of one shape share one vmapped program over a stacked copy. For
+each benchmark model of `bench_step.py` and each learned optimizer, this compiles one
+update and one train step under both settings and times them against `optax.adam`,
+interleaving the runs so that load on the machine hits all alike.
+
+Writes `bench_grouping.csv` and `bench_grouping.md` to the output folder (default
+`analysis/results/`).
+
+Example:
+    python analysis/bench_grouping.py --sizes transformer --lopts hierarchical
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+from analysis.bench_step import (
+    MODELS,
+    ROOT,
+    build_lopt,
+    build_model,
+    make_fns,
+    write_csv,
+)
+from es_l2o.lopt import features as F
+
+SETTINGS = {"in place": False, "stacked": True}
+
+
+def compiled(opt, loss_fn, params, batch):
+    """(update, train step, seconds to compile both) of `opt`, compiled now."""
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    state = opt.init(params)
+    update, step = make_fns(opt, loss_fn)
+    start = time.perf_counter()
+    update = update.lower(grads, state, params, loss).compile()
+    seconds = time.perf_counter() - start
+    step = step.lower(params, state, batch).compile()
+    return (
+        lambda: update(grads, state, params, loss),
+        lambda: step(params, state, batch),
+        seconds,
+    )
+
+
+def medians(fns: dict, repeats: int, budget_s: float) -> dict:
+    """Median seconds of each zero-argument function, alternating runs."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    for i in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t)
+        if i >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench(size: str, name: str, repeats: int, budget_s: float, num_steps: int):
+    params, loss_fn, batch = build_model(size)
+    lopt = build_lopt(name)
+    theta = lopt.init(jax.random.key(0))
+    updates, steps = {}, {}
+    row = {"size": size, "optimizer": name}
+    for label, stack in SETTINGS.items():
+        F.STACK_LARGE_TENSORS = stack  # read when the update is traced
+        try:
+            opt = lopt.transform(theta, num_steps)
+            updates[label], steps[label], row[f"compile_s_{label}"] = compiled(
+                opt, loss_fn, params, batch
+            )
+            row[f"groups_{label}"] = len(F.ShapeGroups.of(params, F.matrix_shape))
+        finally:
+            F.STACK_LARGE_TENSORS = False
+    updates["adam"], steps["adam"], _ = compiled(
+        optax.adam(1e-3), loss_fn, params, batch
+    )
+    for what, fns in (("update", updates), ("step", steps)):
+        times = medians(fns, repeats, budget_s)
+        for label, seconds in times.items():
+            row[f"{what}_ms_{label}"] = 1e3 * seconds
+        row[f"{what}_speedup"] = times["stacked"] / times["in place"]
+    print(
+        f"{size:>11} {name:>18}: update in place {row['update_ms_in place']:.3f} ms, "
+        f"stacked {row['update_ms_stacked']:.3f} ms, adam {row['update_ms_adam']:.3f} "
+        f"ms; step in place {row['step_ms_in place']:.3f} ms, stacked "
+        f"{row['step_ms_stacked']:.3f} ms, adam {row['step_ms_adam']:.3f} ms",
+        flush=True,
+    )
+    return row
+
+
+def markdown(rows) -> str:
+    lines = [
+        "| model | optimizer | groups (in place / stacked) | update ms in place "
+        "| stacked | Adam | stacked / in place | train step ms in place | stacked "
+        "| Adam | compile s in place | stacked |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {r['optimizer']} | {r['groups_in place']} / "
+            f"{r['groups_stacked']} | {r['update_ms_in place']:.2f} "
+            f"| {r['update_ms_stacked']:.2f} | {r['update_ms_adam']:.2f} "
+            f"| {r['update_speedup']:.2f} | {r['step_ms_in place']:.2f} "
+            f"| {r['step_ms_stacked']:.2f} | {r['step_ms_adam']:.2f} "
+            f"| {r['compile_s_in place']:.1f} | {r['compile_s_stacked']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "analysis" / "results"))
+    parser.add_argument(
+        "--sizes", default="1M,transformer", help=f"comma list from {list(MODELS)}"
+    )
+    parser.add_argument("--lopts", default="hierarchical,hierarchical_velo")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=5.0)
+    parser.add_argument("--num-steps", type=int, default=1000)
+    args = parser.parse_args(argv)
+    rows = [
+        bench(size, name, args.repeats, args.budget, args.num_steps)
+        for size in args.sizes.split(",")
+        for name in args.lopts.split(",")
+    ]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "bench_grouping.csv", rows)
+    table = markdown(rows)
+    (out / "bench_grouping.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
