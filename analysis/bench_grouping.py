@@ -31,6 +31,7 @@ from analysis.bench_step import (
     build_lopt,
     build_model,
     make_fns,
+    round_robin,
     write_csv,
 )
 from es_l2o.lopt import features as F
@@ -39,35 +40,16 @@ SETTINGS = {"in place": False, "stacked": True}
 
 
 def compiled(opt, loss_fn, params, batch):
-    """(update, train step, seconds to compile both) of `opt`, compiled now."""
+    """((update, args), (train step, args), seconds to compile the update) of `opt`."""
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     state = opt.init(params)
     update, step = make_fns(opt, loss_fn)
+    update_args, step_args = (grads, state, params, loss), (params, state, batch)
     start = time.perf_counter()
-    update = update.lower(grads, state, params, loss).compile()
+    update = update.lower(*update_args).compile()
     seconds = time.perf_counter() - start
-    step = step.lower(params, state, batch).compile()
-    return (
-        lambda: update(grads, state, params, loss),
-        lambda: step(params, state, batch),
-        seconds,
-    )
-
-
-def medians(fns: dict, repeats: int, budget_s: float) -> dict:
-    """Median seconds of each zero-argument function, alternating runs."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    start = time.perf_counter()
-    for i in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t)
-        if i >= 2 and time.perf_counter() - start > budget_s:
-            break
-    return {name: float(np.median(t)) for name, t in times.items()}
+    step = step.lower(*step_args).compile()
+    return (update, update_args), (step, step_args), seconds
 
 
 def bench(size: str, name: str, repeats: int, budget_s: float, num_steps: int):
@@ -76,6 +58,7 @@ def bench(size: str, name: str, repeats: int, budget_s: float, num_steps: int):
     theta = lopt.init(jax.random.key(0))
     updates, steps = {}, {}
     row = {"size": size, "optimizer": name}
+    default = F.STACK_LARGE_TENSORS
     for label, stack in SETTINGS.items():
         F.STACK_LARGE_TENSORS = stack  # read when the update is traced
         try:
@@ -85,12 +68,15 @@ def bench(size: str, name: str, repeats: int, budget_s: float, num_steps: int):
             )
             row[f"groups_{label}"] = len(F.ShapeGroups.of(params, F.matrix_shape))
         finally:
-            F.STACK_LARGE_TENSORS = False
+            F.STACK_LARGE_TENSORS = default
     updates["adam"], steps["adam"], _ = compiled(
         optax.adam(1e-3), loss_fn, params, batch
     )
     for what, fns in (("update", updates), ("step", steps)):
-        times = medians(fns, repeats, budget_s)
+        times = {
+            label: float(np.median(t))
+            for label, t in round_robin(fns, repeats, budget_s).items()
+        }
         for label, seconds in times.items():
             row[f"{what}_ms_{label}"] = 1e3 * seconds
         row[f"{what}_speedup"] = times["stacked"] / times["in place"]

@@ -33,7 +33,6 @@ import argparse
 import csv
 import os
 import platform
-import time
 from pathlib import Path
 
 import jax
@@ -42,6 +41,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from analysis.bench_step import round_robin
 from es_l2o.es import PES, NoiseReuseES, TruncatedES
 from es_l2o.lopt import MLPLOpt
 from es_l2o.unroll import LOptTraining, StepOutput, UnrolledSystem
@@ -118,17 +118,9 @@ def lopt_floor(system, theta, population, truncation, distinct: bool):
 
 def time_interleaved(fns: dict, rounds: int) -> dict:
     """Median and 10th percentile (ms) of each function, called round-robin."""
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, (fn, args) in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
     return {
         name: (1e3 * float(np.median(t)), 1e3 * float(np.percentile(t, 10)))
-        for name, t in times.items()
+        for name, t in round_robin(fns, rounds).items()
     }
 
 

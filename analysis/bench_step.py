@@ -72,9 +72,8 @@ def mlp_loss(params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
 
 
-def transformer_params(key, layers, width, vocab, seq, heads=None):
+def transformer_params(key, layers, width, vocab, seq):
     """Embeddings, `layers` pre-norm blocks (attention, 4x MLP) and an output head."""
-    del heads
     keys = iter(jax.random.split(key, 4 * layers + 3))
     dense = lambda a, b: {
         "w": jax.random.normal(next(keys), (a, b)) / np.sqrt(a),
@@ -134,8 +133,9 @@ def build_model(size: str):
     `TRANSFORMER`."""
     kx, ky = jax.random.split(jax.random.key(1))
     if size == "transformer":
-        cfg = TRANSFORMER
-        tokens = jax.random.randint(kx, (BATCH // cfg["seq"], cfg["seq"] + 1), 0, 96)
+        cfg = {k: v for k, v in TRANSFORMER.items() if k != "heads"}
+        shape = (BATCH // cfg["seq"], cfg["seq"] + 1)
+        tokens = jax.random.randint(kx, shape, 0, cfg["vocab"])
         batch = (tokens[:, :-1], tokens[:, 1:])
         return transformer_params(jax.random.key(0), **cfg), transformer_loss, batch
     if size not in SIZES:
@@ -161,24 +161,24 @@ def make_fns(opt, loss_fn):
     return update, train_step
 
 
-def timed(fn, *args):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
+def round_robin(fns: dict, repeats: int, budget_s: float = float("inf")) -> dict:
+    """Seconds of each call of `fns` (`{name: (fn, args)}`), one call of each per
+    round after one warm-up call each, so that load on the machine hits all alike.
 
-
-def interleaved(fn_a, args_a, fn_b, args_b, repeats, budget_s):
-    """Median seconds of fn_a and fn_b, alternating runs (after one warm-up each)."""
-    timed(fn_a, *args_a)
-    timed(fn_b, *args_b)
-    a, b = [], []
+    Stops after `repeats` rounds, or after `budget_s` seconds once 3 rounds are done.
+    """
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
     start = time.perf_counter()
     for i in range(repeats):
-        a.append(timed(fn_a, *args_a))
-        b.append(timed(fn_b, *args_b))
+        for name, (fn, args) in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t)
         if i >= 2 and time.perf_counter() - start > budget_s:
             break
-    return float(np.median(a)), float(np.median(b)), len(a)
+    return times
 
 
 def state_bytes(state) -> int:
@@ -196,22 +196,25 @@ def bench_size(size, opts, repeats, budget_s):
     for name, opt in opts.items():
         state = opt.init(params)
         update, step = make_fns(opt, loss_fn)
-        t_up, t_adam_up, reps = interleaved(
-            update,
-            (grads, state, params, loss),
-            adam_update,
-            (grads, adam_state, params, loss),
+        updates = round_robin(
+            {
+                "opt": (update, (grads, state, params, loss)),
+                "adam": (adam_update, (grads, adam_state, params, loss)),
+            },
             repeats,
             budget_s,
         )
-        t_step, t_adam_step, _ = interleaved(
-            step,
-            (params, state, batch),
-            adam_step,
-            (params, adam_state, batch),
+        steps = round_robin(
+            {
+                "opt": (step, (params, state, batch)),
+                "adam": (adam_step, (params, adam_state, batch)),
+            },
             repeats,
             budget_s,
         )
+        t_up, t_adam_up = (float(np.median(updates[k])) for k in ("opt", "adam"))
+        t_step, t_adam_step = (float(np.median(steps[k])) for k in ("opt", "adam"))
+        reps = len(updates["opt"])
         rows.append(
             {
                 "size": size,
