@@ -17,22 +17,18 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 
 from analysis.bench_step import (
-    MODELS,
-    ROOT,
     build_lopt,
     build_model,
+    grid_main,
     make_fns,
     round_robin,
-    write_csv,
 )
 from es_l2o.lopt import features as F
 
@@ -111,27 +107,15 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "analysis" / "results"))
-    parser.add_argument(
-        "--sizes", default="1M,transformer", help=f"comma list from {list(MODELS)}"
+    grid_main(
+        bench,
+        markdown,
+        "bench_grouping",
+        __doc__,
+        sizes="1M,transformer",
+        lopts="hierarchical,hierarchical_velo",
+        argv=argv,
     )
-    parser.add_argument("--lopts", default="hierarchical,hierarchical_velo")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=5.0)
-    parser.add_argument("--num-steps", type=int, default=1000)
-    args = parser.parse_args(argv)
-    rows = [
-        bench(size, name, args.repeats, args.budget, args.num_steps)
-        for size in args.sizes.split(",")
-        for name in args.lopts.split(",")
-    ]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "bench_grouping.csv", rows)
-    table = markdown(rows)
-    (out / "bench_grouping.md").write_text(table)
-    print(table)
 
 
 if __name__ == "__main__":

@@ -321,6 +321,39 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
+def grid_main(bench, markdown, stem, doc, sizes, lopts, argv=None):
+    """Command line of the per-(model, optimizer) benchmarks: runs `bench(size, name,
+    repeats, budget_s, num_steps)` for each pair and writes `<stem>.csv` and
+    `<stem>.md` (`markdown(rows)`) to `--out`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "analysis" / "results"))
+    parser.add_argument(
+        "--sizes", default=sizes, help=f"comma list from {list(MODELS)}"
+    )
+    parser.add_argument("--lopts", default=lopts, help="comma list of configs/lopt")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=5.0,
+        help="seconds per timed comparison, at most",
+    )
+    parser.add_argument("--num-steps", type=int, default=1000)
+    args = parser.parse_args(argv)
+    rows = [
+        bench(size, name, args.repeats, args.budget, args.num_steps)
+        for size in args.sizes.split(",")
+        for name in args.lopts.split(",")
+    ]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / f"{stem}.csv", rows)
+    table = markdown(rows)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "analysis" / "results"))
