@@ -46,7 +46,7 @@ class NoParamMLP(HierarchicalLOpt):
     generated weight (a cost ablation, not an optimizer)."""
 
     def per_param_mlp(self, features, weights):
-        clipped = features.entries[1][1]
+        clipped = features.entries[1][1]  # input 1 of `param_features`: clip(g)
         return clipped * weights[0], 0.0
 
 
