@@ -50,10 +50,6 @@ class NoParamMLP(HierarchicalLOpt):
         return clipped * weights[0], 0.0
 
 
-def ablated(lopt: HierarchicalLOpt) -> NoParamMLP:
-    return NoParamMLP(**lopt.config())
-
-
 def bench(size: str, name: str, repeats: int, budget_s: float, num_steps: int):
     params, loss_fn, batch = build_model(size)
     lopt = build_lopt(name)
@@ -66,7 +62,7 @@ def bench(size: str, name: str, repeats: int, budget_s: float, num_steps: int):
     opts = {
         "adam": optax.adam(1e-3),
         name: lopt.transform(theta, num_steps),
-        "no per-param MLP": ablated(lopt).transform(theta, num_steps),
+        "no per-param MLP": NoParamMLP(**lopt.config()).transform(theta, num_steps),
     }
     fns = {"grad": (jax.jit(jax.value_and_grad(loss_fn)), (params, batch))}
     for label, opt in opts.items():
