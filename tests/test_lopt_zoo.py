@@ -408,12 +408,12 @@ def test_lstm_keeps_one_state_per_coordinate_and_layer():
     opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
     params = {"w": jnp.ones((3, 2)), "b": jnp.ones(4)}
     state = opt.init(params)
-    assert [h.shape for h in state.hidden] == [(10, 20), (10, 20)]
+    assert [[x.shape for x in h] for h in state.hidden] == [[(10, 20)], [(10, 20)]]
     grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.full((4,), -1e-7)}
     updates, state = jax.jit(opt.update)(grads, state, params)
     # the warm start descends along the sign of the gradient
     assert bool(jnp.all(updates["w"] < 0))
-    assert float(jnp.abs(state.cell[1]).max()) > 0
+    assert float(jnp.abs(state.cell[1][0]).max()) > 0
     # equal preprocessed inputs give equal updates (shared weights, coordinatewise)
     np.testing.assert_allclose(updates["w"], updates["w"][0, 0], rtol=1e-6)
 
@@ -481,7 +481,11 @@ def test_deep_memory_learns_from_its_keys():
     params = {"w": jnp.zeros(2)}
     state = opt.init(params)
     u, state = jax.jit(opt.update)({"w": jnp.array([1.0, -1.0])}, state, params)
-    assert state.memory["w0"].shape == (2, 2, 4)  # (coordinates, key features, units)
+    assert state.memory[0]["w0"].shape == (
+        2,
+        2,
+        4,
+    )  # (coordinates, key features, units)
     # the memory maps different keys to different values, opposing the gradient
     assert float(u["w"][0]) < 0 < float(u["w"][1])
     with pytest.raises(ValueError, match="objective must be one of"):

@@ -6,6 +6,7 @@ import abc
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -41,6 +42,68 @@ def check_num_steps(num_steps) -> None:
             "num_steps must be a positive integer (the training horizon the optimizer "
             f"was asked to plan for), got {num_steps!r}"
         )
+
+
+#: the leaf dtypes a learned optimizer updates
+FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
+
+
+class LeafTypeError(TypeError):
+    """A parameter or gradient leaf that a learned optimizer cannot update."""
+
+
+def check_float_tree(tree, what: str = "params") -> None:
+    """Raises `LeafTypeError` naming the first leaf that is not a floating array.
+
+    Integer, boolean and complex leaves, and leaves that are not arrays (a Python
+    number, a string), are refused; abstract leaves (`jax.ShapeDtypeStruct`) and
+    tracers pass. Runs on shapes and dtypes only, at trace time.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> check_float_tree({"w": jnp.ones(2)})
+        >>> check_float_tree({"step": jnp.zeros((), jnp.int32)})
+        Traceback (most recent call last):
+        ...
+        es_l2o.lopt.base.LeafTypeError: params leaf ['step'] has dtype int32; ...
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path) or "(the root)"
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not hasattr(leaf, "shape"):
+            raise LeafTypeError(
+                f"{what} leaf {name} is a {type(leaf).__name__}, not an array; "
+                "learned optimizers update floating arrays (wrap it in jnp.asarray, "
+                "or keep it out of the optimized tree)"
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise LeafTypeError(
+                f"{what} leaf {name} has dtype {np.dtype(dtype).name}; learned "
+                f"optimizers update {', '.join(FLOAT_KINDS)} leaves only (keep it "
+                "out of the optimized tree, e.g. with optax.masked or "
+                "optax.multi_transform)"
+            )
+
+
+def checked_transformation(init_fn, update_fn) -> optax.GradientTransformationExtraArgs:
+    """`init_fn` / `update_fn` as an optax transform that first checks its trees.
+
+    `init` checks the parameters, `update` the gradients and, when given, the
+    parameters (`check_float_tree`), so that a bad leaf is one clear error naming
+    its path rather than a failure deep inside the optimizer.
+    """
+
+    def init(params):
+        check_float_tree(params, "params")
+        return init_fn(params)
+
+    def update(updates, state, params=None, **extra):
+        check_float_tree(updates, "gradient")
+        if params is not None:
+            check_float_tree(params, "params")
+        return update_fn(updates, state, params, **extra)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 class LearnedOptimizer(abc.ABC):

@@ -29,7 +29,11 @@ import numpy as np
 import optax
 
 from es_l2o.lopt import features as F
-from es_l2o.lopt.base import LearnedOptimizer, check_num_steps
+from es_l2o.lopt.base import (
+    LearnedOptimizer,
+    check_num_steps,
+    checked_transformation,
+)
 
 OBJECTIVES = ("dot", "delta")
 #: key features -> number of inputs of the memory
@@ -39,11 +43,27 @@ KEY_FEATURES = {"none": 0, "gradient": 2}
 class DeepMomentumState(NamedTuple):
     """Optimizer state: a step counter and each coordinate's memory weights.
 
-    memory: dict of arrays `(N, *shape)`, one memory MLP per coordinate.
+    memory: one dict per part of the parameters' `features.TensorLayout` (the small
+    tensors as one flat vector, then each large tensor), of arrays
+    `(*part_shape, *weight_shape)`: one memory MLP per coordinate.
     """
 
     count: jax.Array
     memory: dict
+
+
+def zip_parts(by_name: dict[str, list]) -> list[dict]:
+    """`{name: [part, ...]}` as `[{name: part}, ...]`.
+
+    Example:
+        >>> zip_parts({"w": [1, 2], "b": [3, 4]})
+        [{'w': 1, 'b': 3}, {'w': 2, 'b': 4}]
+    """
+    names = list(by_name)
+    return [
+        dict(zip(names, parts, strict=True))
+        for parts in zip(*by_name.values(), strict=True)
+    ]
 
 
 def _logit(p: float) -> float:
@@ -179,8 +199,27 @@ class DeepMomentumLOpt(LearnedOptimizer):
 
     def _keys(self, grad):
         if self.key_features == "none":
-            return jnp.zeros((grad.shape[0], 0), jnp.float32)
+            return jnp.zeros((*grad.shape, 0), jnp.float32)
         return F.lstm_preprocess(grad)
+
+    def _coordinates(self, grad, memory, decay, inner_lr, lr, flag):
+        """One part's update and new memories: grad `(*shape)`, memory arrays
+        `(*shape, *weight_shape)`."""
+        grad = F.clip_gradient(grad)
+        keys = self._keys(grad)
+        inner = F.vmap_leading(jax.grad(self.inner_loss), grad.ndim)
+        inner_grads = inner(memory, keys, grad)
+        memory = {
+            name: decay[int(name[1:])] * value
+            - inner_lr[int(name[1:])] * inner_grads[name]
+            for name, value in memory.items()
+        }
+        apply = F.vmap_leading(self.memory_apply, grad.ndim)
+        # one pass over the parameters, not one compiled copy per tensor slice
+        step = F.compute_once(
+            lambda memory, keys, lr: -lr * apply(memory, keys), flag, memory, keys, lr
+        )
+        return step, memory
 
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
@@ -189,11 +228,14 @@ class DeepMomentumLOpt(LearnedOptimizer):
         lr = jnp.exp(theta["log_lr"])
 
         def init_fn(params):
-            n = F.TensorLayout.of(params).total_size
-            memory = {
-                k: jnp.broadcast_to(v, (n, *v.shape)).astype(jnp.float32)
-                for k, v in theta["memory_init"].items()
-            }
+            layout = F.TensorLayout.of(params)
+            init = theta["memory_init"]
+            memory = tuple(
+                {k: z + init[k] for k, z in by_name.items()}
+                for by_name in zip_parts(
+                    {k: layout.zeros(params, v.shape) for k, v in init.items()}
+                )
+            )
             return DeepMomentumState(jnp.zeros((), jnp.int32), memory)
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
@@ -202,26 +244,17 @@ class DeepMomentumLOpt(LearnedOptimizer):
             count = optax.safe_increment(state.count)
             if layout.total_size == 0:
                 return updates, state._replace(count=count)
-            grad = F.clip_gradient(layout.flatten(updates))
-            keys = self._keys(grad)
-            inner_grads = jax.vmap(jax.grad(self.inner_loss))(state.memory, keys, grad)
-            memory = {}
-            for name, value in state.memory.items():
-                layer = int(name[1:])
-                memory[name] = (
-                    decay[layer] * value - inner_lr[layer] * inner_grads[name]
+            steps, memory = [], []
+            for grad, part_memory in zip(
+                layout.split(updates), state.memory, strict=True
+            ):
+                step, part_memory = self._coordinates(
+                    grad, part_memory, decay, inner_lr, lr, state.count >= 0
                 )
-            # one pass over the parameters, not one compiled copy per tensor slice
-            step = F.compute_once(
-                lambda memory, keys, lr: (
-                    -lr * jax.vmap(self.memory_apply)(memory, keys)
-                ),
-                state.count >= 0,
-                memory,
-                keys,
-                lr,
-            )
+                steps.append(step)
+                memory.append(part_memory)
             dtypes = [g.dtype for g in jax.tree_util.tree_leaves(updates)]
-            return layout.unflatten(step, dtypes), DeepMomentumState(count, memory)
+            new_state = DeepMomentumState(count, tuple(memory))
+            return layout.merge(steps, dtypes), new_state
 
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return checked_transformation(init_fn, update_fn)

@@ -2,7 +2,9 @@
 
 `mlp` and `hierarchical` update each group of tensors (`ShapeGroups`: one large
 tensor, or one zero-padded bucket of small tensors) in one fused, vmapped pass;
-`lstm` and `deep_momentum` work on one flat float32 vector (`TensorLayout`). Factored
+`lstm` and `deep_momentum` work coordinatewise on the parts of a `TensorLayout` (the
+small tensors as one flat float32 vector, each large tensor in its own shape, so that
+its sharding is kept). Factored
 second moments (`FactoredMoments`), training-progress and loss features, the
 coordinatewise LSTM preprocessing and gradient clipping are shared by all of them.
 
@@ -70,6 +72,63 @@ class TensorLayout:
             return jnp.zeros((0,), jnp.float32)
         return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
 
+    @property
+    def large(self) -> tuple[int, ...]:
+        """Leaves above `BUCKET_MAX_ENTRIES` entries: parts of their own."""
+        return tuple(i for i, n in enumerate(self.sizes) if n > BUCKET_MAX_ENTRIES)
+
+    @property
+    def part_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes of `split`'s parts: the flat small leaves, then each large one.
+
+        Example:
+            >>> TensorLayout.of([jnp.ones(3), jnp.ones((300, 300))]).part_shapes
+            ((3,), (300, 300))
+        """
+        small = sum(n for i, n in enumerate(self.sizes) if i not in self.large)
+        return ((small,), *(self.shapes[i] for i in self.large))
+
+    def zeros(self, tree, inner: tuple[int, ...] = ()) -> list[jax.Array]:
+        """Float32 zeros `(*part_shape, *inner)` per part; a large leaf's are built
+        from the leaf, so that its sharding carries over to its state."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        out = [jnp.zeros((*self.part_shapes[0], *inner), jnp.float32)]
+        for i in self.large:
+            base = jnp.zeros_like(leaves[i], jnp.float32)
+            out.append(
+                jnp.broadcast_to(
+                    base.reshape(*base.shape, *(1,) * len(inner)), (*base.shape, *inner)
+                )
+            )
+        return out
+
+    def split(self, tree) -> list[jax.Array]:
+        """The leaves as float32 parts: the small ones as one flat vector (a single
+        concatenate; empty when there are none), then each large leaf in its own
+        shape, read in place (its sharding kept)."""
+        leaves, large = jax.tree_util.tree_leaves(tree), self.large
+        small = [
+            jnp.ravel(x).astype(jnp.float32)
+            for i, x in enumerate(leaves)
+            if i not in large
+        ]
+        flat = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
+        return [flat, *(leaves[i].astype(jnp.float32) for i in large)]
+
+    def merge(self, parts: Sequence[jax.Array], dtypes: Sequence[Any] | None = None):
+        """Inverse of `split`; leaves are cast to `dtypes` (default: the layout's)."""
+        dtypes = self.dtypes if dtypes is None else dtypes
+        large = dict(zip(self.large, parts[1:], strict=True))
+        leaves, start = [], 0
+        for i, (shape, size) in enumerate(zip(self.shapes, self.sizes, strict=True)):
+            if i in large:
+                leaf = large[i]
+            else:
+                leaf = parts[0][start : start + size].reshape(shape)
+                start += size
+            leaves.append(leaf.astype(dtypes[i]))
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
     def unflatten(self, flat: jax.Array, dtypes: Sequence[Any] | None = None):
         """Inverse of `flatten`; leaves are cast to `dtypes` (default: the layout's)."""
         dtypes = self.dtypes if dtypes is None else dtypes
@@ -81,6 +140,18 @@ class TensorLayout:
             )
         ]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def vmap_leading(fn, ndim: int):
+    """`fn` vmapped over the `ndim` leading axes of every argument.
+
+    Example:
+        >>> vmap_leading(jnp.sum, 2)(jnp.ones((2, 3, 4))).shape
+        (2, 3)
+    """
+    for _ in range(ndim):
+        fn = jax.vmap(fn)
+    return fn
 
 
 def update_moments(
@@ -408,6 +479,13 @@ def factored_second_moment(state: FactoredMoments, shape: Sequence[int]) -> jax.
 #: the largest per-parameter MLP (multiply-adds per parameter) that runs as one fused
 #: elementwise pass; past it XLA splits the pass and duplicates work between pieces
 FUSED_MAX_MULTIPLY_ADDS = 600
+#: the fewest entries (members x padded view) of a group whose per-parameter MLP runs
+#: as one fused elementwise pass. An unrolled MLP is one very large elementwise
+#: kernel; over a group as short as one SIMD vector (4 or 8 floats) LLVM deletes the
+#: one-iteration loop and its optimising x86 back end runs away on the straight-line
+#: block that is left (memory grows without bound). Smaller groups are cheap anyway
+#: and run the MLP as matrix products.
+FUSED_MIN_ENTRIES = 1024
 
 
 def mlp_multiply_adds(sizes: Sequence[int]) -> int:
@@ -463,6 +541,31 @@ class Group(NamedTuple):
     @property
     def padded(self) -> bool:
         return any(v != self.view for v in self.views)
+
+    @property
+    def in_place(self) -> bool:
+        """A large tensor, a group of its own, read where it is (not bucketed)."""
+        return not _is_small(self.view)
+
+    def zeros(self, leaves, inner: tuple[int, ...] = ()) -> jax.Array:
+        """Float32 zeros `(members, *inner, *view)` for this group's state.
+
+        For a tensor read in place they are built from the tensor itself (`leaves`:
+        the pytree's leaves), so that a sharded tensor's state is sharded alike from
+        the first step on (no resharding, no second compile).
+        """
+        shape = (len(self.leaves), *inner, *self.view)
+        if not self.in_place:
+            return jnp.zeros(shape, jnp.float32)
+        leaf = leaves[self.leaves[0]]
+        return jnp.broadcast_to(
+            jnp.zeros_like(leaf, jnp.float32).reshape(self.view), shape
+        )
+
+    @property
+    def num_entries(self) -> int:
+        """Entries the group's vmapped program runs over: members x padded view."""
+        return len(self.leaves) * int(np.prod(self.view, dtype=np.int64))
 
     def extents(self) -> jax.Array:
         """Each member's true view extent, `(members, len(view))` float32."""
@@ -556,12 +659,15 @@ class ShapeGroups(tuple):
         """`fn` vmapped over each group's members; one array per leaf, leaf order.
 
         group_args: one tuple of arguments per group, each with a leading member
-        axis; `fn` returns an array of the group's view. `flag` is a traced True
-        for `compute_once`: a group of several members is computed once into one
-        buffer, not once inside each member's slice.
+        axis, or None to skip the group (its leaves stay None); `fn` returns an
+        array of the group's view. `flag` is a traced True for `compute_once`: a
+        group of several members is computed once into one buffer, not once inside
+        each member's slice.
         """
         out = [None] * self.num_tensors
         for group, args in zip(self, group_args, strict=True):
+            if args is None:
+                continue
             if len(group.leaves) > 1:
                 result = compute_once(jax.vmap(fn), flag, *args)
             else:

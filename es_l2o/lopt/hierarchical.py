@@ -43,6 +43,7 @@ from es_l2o.lopt.base import (
     LearnedOptimizer,
     check_hidden_sizes,
     check_num_steps,
+    checked_transformation,
 )
 
 
@@ -558,19 +559,15 @@ class HierarchicalLOpt(LearnedOptimizer):
         def init_fn(params):
             groups = F.ShapeGroups.of(params, F.matrix_shape)
             t = groups.num_tensors
-            stacked = lambda g, shape: (len(g.leaves), *shape)
+            leaves = jax.tree_util.tree_leaves(params)
             return HierarchicalState(
                 count=jnp.zeros((), jnp.int32),
-                momenta=tuple(
-                    jnp.zeros(stacked(g, (nm, *g.view)), jnp.float32) for g in groups
-                ),
-                second_moment=tuple(
-                    jnp.zeros(stacked(g, g.view), jnp.float32) for g in groups
-                ),
+                momenta=tuple(g.zeros(leaves, (nm,)) for g in groups),
+                second_moment=tuple(g.zeros(leaves) for g in groups),
                 factored=tuple(
-                    jax.tree.map(
-                        lambda x, g=g: jnp.broadcast_to(x, stacked(g, x.shape)),
-                        F.init_factored(g.view, nf),
+                    F.FactoredMoments(
+                        rows=g.zeros(leaves, (nf,))[..., 0],
+                        cols=g.zeros(leaves, (nf,))[..., 0, :],
                     )
                     for g in groups
                 ),
@@ -644,7 +641,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             )
             return jax.tree_util.tree_unflatten(treedef, steps), new_state
 
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return checked_transformation(init_fn, update_fn)
 
     def generated_weights(self, theta, params, grads, num_steps=100, value=None):
         """The per-tensor MLP weights and lr multipliers after one update (inspection).

@@ -21,13 +21,16 @@ from es_l2o.lopt.base import (
     LearnedOptimizer,
     check_hidden_sizes,
     check_num_steps,
+    checked_transformation,
 )
 
 
 class LSTMLOptState(NamedTuple):
     """Optimizer state: a step counter and per-coordinate LSTM states.
 
-    hidden, cell: tuples with one `(N, units)` array per layer.
+    hidden, cell: one tuple per layer, holding a `(*part_shape, units)` array per
+    part of the parameters' `features.TensorLayout` (the small tensors as one flat
+    vector, then each large tensor).
     """
 
     count: jax.Array
@@ -117,12 +120,25 @@ class LSTMLOpt(LearnedOptimizer):
         theta["output"] = {"w": w_out.at[0, 0].set(-1.0), "b": jnp.zeros((1,))}
         return theta
 
+    def _coordinates(self, theta, grad, hidden, cell):
+        """The LSTM on every coordinate of one part `grad (*shape)`: its update and
+        the new per-layer states `(*shape, units)`."""
+        x = F.lstm_preprocess(F.clip_gradient(grad), self.preprocess_p)
+        new_hidden, new_cell = [], []
+        for layer in range(len(self.hidden_sizes)):
+            h, c = lstm_cell(theta[f"layer_{layer}"], x, hidden[layer], cell[layer])
+            new_hidden.append(h)
+            new_cell.append(c)
+            x = h
+        out = x @ theta["output"]["w"] + theta["output"]["b"]
+        return self.output_scale * out[..., 0], tuple(new_hidden), tuple(new_cell)
+
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
 
         def init_fn(params):
-            n = F.TensorLayout.of(params).total_size
-            zeros = tuple(jnp.zeros((n, h), jnp.float32) for h in self.hidden_sizes)
+            layout = F.TensorLayout.of(params)
+            zeros = tuple(tuple(layout.zeros(params, (h,))) for h in self.hidden_sizes)
             return LSTMLOptState(jnp.zeros((), jnp.int32), zeros, zeros)
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
@@ -131,20 +147,18 @@ class LSTMLOpt(LearnedOptimizer):
             count = optax.safe_increment(state.count)
             if layout.total_size == 0:
                 return updates, state._replace(count=count)
-            grad = F.clip_gradient(layout.flatten(updates))
-            x = F.lstm_preprocess(grad, self.preprocess_p)
-            hidden, cell = [], []
-            for layer in range(len(self.hidden_sizes)):
-                h, c = lstm_cell(
-                    theta[f"layer_{layer}"], x, state.hidden[layer], state.cell[layer]
-                )
+            steps, hidden, cell = [], [], []
+            for k, grad in enumerate(layout.split(updates)):
+                h = [layer[k] for layer in state.hidden]
+                c = [layer[k] for layer in state.cell]
+                step, h, c = self._coordinates(theta, grad, h, c)
+                steps.append(step)
                 hidden.append(h)
                 cell.append(c)
-                x = h
-            out = x @ theta["output"]["w"] + theta["output"]["b"]
-            step = self.output_scale * out[:, 0]
             dtypes = [g.dtype for g in jax.tree_util.tree_leaves(updates)]
-            new_state = LSTMLOptState(count, tuple(hidden), tuple(cell))
-            return layout.unflatten(step, dtypes), new_state
+            new_state = LSTMLOptState(
+                count, tuple(zip(*hidden, strict=True)), tuple(zip(*cell, strict=True))
+            )
+            return layout.merge(steps, dtypes), new_state
 
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return checked_transformation(init_fn, update_fn)

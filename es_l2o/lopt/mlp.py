@@ -22,12 +22,21 @@ from es_l2o.lopt.base import (
     LearnedOptimizer,
     check_hidden_sizes,
     check_num_steps,
+    checked_transformation,
 )
 
 
 def _vector(shape):
-    """The view the MLP optimizer works on: every tensor as one vector."""
-    return (int(np.prod(shape, dtype=np.int64)),)
+    """The view the MLP optimizer works on: a small tensor as one vector (so that
+    small tensors of any shape share zero-padded buckets), a large one as itself
+    (read in place, keeping any sharding of its axes).
+
+    Example:
+        >>> _vector((13, 3)), _vector((512, 256))
+        ((39,), (512, 256))
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    return (size,) if size <= F.BUCKET_MAX_ENTRIES else tuple(shape)
 
 
 class MLPLOptState(NamedTuple):
@@ -150,7 +159,8 @@ class MLPLOpt(LearnedOptimizer):
     def _tensor_statistics(self, grad, param, momenta, second_moment, extent):
         """One tensor's new accumulators and the RMS of each input feature.
 
-        grad, param: the tensor as a zero-padded vector; extent: its true `(size,)`.
+        grad, param: the tensor in its view (zero-padded); extent: the view's true
+        extent.
         """
         grad = F.clip_gradient(grad.astype(jnp.float32))
         param = param.astype(jnp.float32)
@@ -158,13 +168,13 @@ class MLPLOpt(LearnedOptimizer):
             momenta, second_moment, grad, self.momentum_decays, self.second_moment_decay
         )
         feats = self.param_features(grad, param, momenta, second_moment)
-        inv = 1.0 / jnp.maximum(extent[0], 1.0)  # padding features are zero
+        inv = 1.0 / jnp.maximum(jnp.prod(extent), 1.0)  # padding features are zero
         rms = jnp.stack([jnp.sqrt(jnp.sum(f * f) * inv + 1e-8) for f in feats])
         return (grad, param, momenta, second_moment), rms
 
     @property
     def fused(self) -> bool:
-        """Whether the MLP runs as one elementwise pass (small MLPs, the default).
+        """Whether the MLP is small enough to run as one elementwise pass.
 
         Unrolled into scalar-times-array sums, a small MLP fuses with its features
         into one pass that keeps every activation in registers. Past about 600
@@ -176,36 +186,67 @@ class MLPLOpt(LearnedOptimizer):
         skip = 2 * self.num_param_features
         return F.mlp_multiply_adds(sizes) + skip <= F.FUSED_MAX_MULTIPLY_ADDS
 
-    def _matmul_steps(self, theta, bias, groups, per_group, rms_per_group):
-        """Every tensor's update with the MLP as feature-major matrix products.
+    def runs_fused(self, group: F.Group) -> bool:
+        """Whether `group` runs the unrolled MLP (else: matrix products).
 
-        The normalised features of all tensors form one `(features, entries)`
-        matrix, so each layer is one long matrix product over every parameter.
-        Returns one update per leaf, in leaf order.
+        Only groups of at least `features.FUSED_MIN_ENTRIES` entries do: the
+        unrolled pass pays off over long tensors, and over a group of one SIMD
+        vector the compiler runs away on it (see `FUSED_MIN_ENTRIES`).
+
+        Example:
+            >>> groups = F.ShapeGroups.of({"b": jnp.ones(3), "w": jnp.ones(4096)},
+            ...                           _vector)
+            >>> [MLPLOpt(hidden_sizes=(8,)).runs_fused(g) for g in groups]
+            [False, True]
         """
-        columns, places = [], []
+        return self.fused and group.num_entries >= F.FUSED_MIN_ENTRIES
+
+    def _dense_mlp(self, theta, bias, x):
+        """The MLP on feature-major inputs `x (features, ...)`: one matrix product
+        per layer over every entry, any trailing shape (and its sharding) kept."""
+
+        def dense(w, inputs):
+            return jnp.tensordot(w.T, inputs, axes=1)
+
+        def column(b):
+            return b.reshape(b.shape + (1,) * (x.ndim - 1))
+
+        hidden = jax.nn.relu(dense(theta["layer_0"]["w"], x) + column(bias))
+        for i in range(1, len(self.hidden_sizes)):
+            layer = theta[f"layer_{i}"]
+            hidden = jax.nn.relu(dense(layer["w"], hidden) + column(layer["b"]))
+        out = dense(theta["output"]["w"], hidden) + column(theta["output"]["b"])
+        out = out + dense(theta["skip"]["w"], x)
+        return out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
+
+    def _matmul_steps(self, theta, bias, groups, per_group, rms_per_group):
+        """The updates of `groups` with the MLP as feature-major matrix products.
+
+        The normalised features of all bucketed (vector-view) tensors form one
+        `(features, entries)` matrix, so each layer is one long matrix product over
+        all of them; a large tensor keeps its own shape. Returns
+        `{leaf index: update}`.
+        """
+        columns, places, steps = [], [], {}
         for group, tensors, rms in zip(groups, per_group, rms_per_group, strict=True):
             feats = jax.vmap(self.param_features)(*tensors[:4])
             for k, (leaf, view) in enumerate(
                 zip(group.leaves, group.views, strict=True)
             ):
-                n = view[0]
-                columns.append(
-                    jnp.stack([f[k, :n] / rms[k, j] for j, f in enumerate(feats)])
-                )
-                places.append((leaf, n, group.shapes[k]))
-        x = jnp.concatenate(columns, axis=1)
-        hidden = jax.nn.relu(theta["layer_0"]["w"].T @ x + bias[:, None])
-        for i in range(1, len(self.hidden_sizes)):
-            layer = theta[f"layer_{i}"]
-            hidden = jax.nn.relu(layer["w"].T @ hidden + layer["b"][:, None])
-        out = theta["output"]["w"].T @ hidden + theta["output"]["b"][:, None]
-        out = out + theta["skip"]["w"].T @ x
-        step = out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
-        steps, start = [None] * len(places), 0
-        for leaf, n, shape in places:
-            steps[leaf] = step[start : start + n].reshape(shape)
-            start += n
+                normed = [f[k] / rms[k, j] for j, f in enumerate(feats)]
+                if group.in_place:
+                    step = self._dense_mlp(theta, bias, jnp.stack(normed))
+                    steps[leaf] = step.reshape(group.shapes[k])
+                else:
+                    n = int(np.prod(view, dtype=np.int64))
+                    columns.append(jnp.stack([f.reshape(-1)[:n] for f in normed]))
+                    places.append((leaf, n, group.shapes[k]))
+        if columns:
+            step = self._dense_mlp(theta, bias, jnp.concatenate(columns, axis=1))
+            start = 0
+            for leaf, n, shape in places:
+                steps[leaf] = step[start : start + n].reshape(shape)
+                start += n
         return steps
 
     def _tensor_step(self, tensor, weights):
@@ -239,20 +280,37 @@ class MLPLOpt(LearnedOptimizer):
         ]
         return out[0] * jnp.exp(self.exp_mult * out[1]) * self.step_mult
 
+    def _fused_steps(self, theta, shared, groups, per_group, rms_per_group, flag):
+        """Updates of the groups that `runs_fused`, one list entry per leaf (None for
+        the others): each group's tensors through the unrolled MLP, with the first
+        layer and the skip connection divided by each tensor's feature RMS. `flag`:
+        a traced True (`features.compute_once`)."""
+        group_args = []
+        for g, tensors, rms in zip(groups, per_group, rms_per_group, strict=True):
+            if not self.runs_fused(g):
+                group_args.append(None)
+                continue
+            n = len(g.leaves)
+            weights = jax.tree.map(
+                lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)), shared
+            )
+            # w0 / rms: normalised features without a pass of their own
+            weights["w0"] = theta["layer_0"]["w"][None] / rms[:, :, None]
+            weights["skip"] = theta["skip"]["w"][None] / rms[:, :, None]
+            group_args.append((tensors, weights))
+        return groups.map(self._tensor_step, flag, group_args)
+
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
         nm = len(self.momentum_decays)
 
         def init_fn(params):
             groups = F.ShapeGroups.of(params, _vector)
+            leaves = jax.tree_util.tree_leaves(params)
             return MLPLOptState(
                 count=jnp.zeros((), jnp.int32),
-                momenta=tuple(
-                    jnp.zeros((len(g.leaves), nm, *g.view), jnp.float32) for g in groups
-                ),
-                second_moment=tuple(
-                    jnp.zeros((len(g.leaves), *g.view), jnp.float32) for g in groups
-                ),
+                momenta=tuple(g.zeros(leaves, (nm,)) for g in groups),
+                second_moment=tuple(g.zeros(leaves) for g in groups),
             )
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
@@ -289,24 +347,19 @@ class MLPLOpt(LearnedOptimizer):
                 )
                 per_group.append(tensors)
                 rms_per_group.append(rms)
-            if self.fused:
-                group_args = []
-                for g, tensors, rms in zip(
-                    groups, per_group, rms_per_group, strict=True
-                ):
-                    n = len(g.leaves)
-                    weights = jax.tree.map(
-                        lambda x, n=n: jnp.broadcast_to(x, (n, *x.shape)), shared
-                    )
-                    # w0 / rms: normalised features without a pass of their own
-                    weights["w0"] = theta["layer_0"]["w"][None] / rms[:, :, None]
-                    weights["skip"] = theta["skip"]["w"][None] / rms[:, :, None]
-                    group_args.append((tensors, weights))
-                steps = groups.map(self._tensor_step, state.count >= 0, group_args)
-            else:
-                steps = self._matmul_steps(
-                    theta, shared["b0"], groups, per_group, rms_per_group
-                )
+            steps = self._fused_steps(
+                theta, shared, groups, per_group, rms_per_group, state.count >= 0
+            )
+            rest = [k for k, g in enumerate(groups) if not self.runs_fused(g)]
+            by_leaf = self._matmul_steps(
+                theta,
+                shared["b0"],
+                [groups[k] for k in rest],
+                [per_group[k] for k in rest],
+                [rms_per_group[k] for k in rest],
+            )
+            for leaf, step in by_leaf.items():
+                steps[leaf] = step
             steps = [
                 step.astype(jnp.result_type(g))
                 for step, g in zip(steps, grads, strict=True)
@@ -318,4 +371,4 @@ class MLPLOpt(LearnedOptimizer):
             )
             return jax.tree_util.tree_unflatten(treedef, steps), new_state
 
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return checked_transformation(init_fn, update_fn)
