@@ -109,7 +109,7 @@ class FamilyMixture:
     def choose(self, key: jax.Array) -> jax.Array:
         """The index of the family for one meta-iteration (int32 scalar; jittable).
 
-        The trainer converts it with `int(...)` to select the compiled meta-step.
+        For a one-family-per-iteration baseline; `MultiFamilyES` trains them all.
         """
         return jax.random.categorical(key, self._log_probs).astype(jnp.int32)
 
