@@ -121,11 +121,16 @@ def _meta_validation(system, estimator, settings):
     num_steps = system.max_horizon
 
     @jax.jit
-    def validate(theta):
+    def mean_loss(theta):
         losses, _ = jax.vmap(
             lambda k: full_unroll(system, theta, k, num_steps, meta_loss)
         )(keys)
         return jnp.mean(losses)
+
+    def validate(theta):
+        # from host arrays: one compile whether theta is the initial one or the
+        # estimator's (placed on its mesh, which would compile a second program)
+        return mean_loss(jax.device_get(theta))
 
     return validate
 
