@@ -12,8 +12,8 @@ Writes `bench_families.csv` and `bench_families.md` to `--out` (default
 `analysis/results/`).
 
 Example:
-    python analysis/bench_families.py                      # short CPU default
-    python analysis/bench_families.py --lopt hierarchical --truncation 20 \\
+    python -m analysis.bench_families                      # short CPU default
+    python -m analysis.bench_families --lopt hierarchical --truncation 20 \\
         --horizon 50 --population-size 16 --weights mix --counts 7
 """
 
