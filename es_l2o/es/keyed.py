@@ -180,9 +180,7 @@ class KeyedOpenES(Open_ES):
             ),
             best_fitness=jnp.where(improved, archive[best], state.best_fitness),
         )
-        shaped = self.fitness_shaping_fn(None, fitness, state, params)
-        shaped = self._postprocess_fitness(fitness, shaped)
-        grad = self.keyed_gradient(state, key_ask, shaped, mesh, chunk)
+        grad = self.shaped_gradient(state, key_ask, fitness, params, mesh, chunk)
         return self.apply_gradient(state, grad)
 
     def shaped_gradient(
