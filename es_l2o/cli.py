@@ -121,13 +121,99 @@ def _meta_validation(system, estimator, settings):
     num_steps = system.max_horizon
 
     @jax.jit
-    def validate(theta):
+    def mean_loss(theta):
         losses, _ = jax.vmap(
             lambda k: full_unroll(system, theta, k, num_steps, meta_loss)
         )(keys)
         return jnp.mean(losses)
 
+    def validate(theta):
+        # from host arrays: one compile whether theta is the initial one or the
+        # estimator's (placed on its mesh, which would compile a second program)
+        return mean_loss(jax.device_get(theta))
+
     return validate
+
+
+def _is_mixture(population) -> bool:
+    """A population of several families with weights (populations.mix)."""
+    return hasattr(population, "families") and hasattr(population, "weights")
+
+
+def _population_name(population) -> str:
+    if _is_mixture(population):
+        return "mix(" + ",".join(f.name for f in population.families) + ")"
+    return population.name
+
+
+def _mixture_estimator(cfg, make_estimator, systems, mixture):
+    """`MultiFamilyES` over the mixture's families: `es.population_size` split by
+    the weights, every family's losses shaped within the family (truncated
+    estimators: `loss_normalization=none` becomes "initial", since loss scales
+    differ by orders of magnitude across families)."""
+
+    from es_l2o.es import MultiFamilyES
+
+    kwargs = _mesh_kwargs(cfg, make_estimator)
+    keywords = getattr(make_estimator, "keywords", {})
+    if keywords.get("loss_normalization") == "none":
+        kwargs["loss_normalization"] = "initial"
+        print(
+            "population=mix: es.loss_normalization=initial (each task's losses "
+            "divided by its first loss; loss scales differ across families)",
+            flush=True,
+        )
+    estimator = MultiFamilyES.build(
+        make_estimator,
+        systems,
+        mixture.weights,
+        population_size=_positive_int(cfg, "es.population_size"),
+        names=[f.name for f in mixture.families],
+        **kwargs,
+    )
+    sizes = dict(zip(estimator.names, estimator.population_sizes, strict=True))
+    print(f"population=mix: particles per family {sizes}", flush=True)
+    return estimator
+
+
+def _mixture_validation(systems, weights, settings, theta0):
+    """theta -> weighted mean over families of each family's meta-validation loss
+    divided by the initial theta's (1.0 at the start; lower is better)."""
+    import numpy as np
+
+    validators = [_meta_validation(s, None, settings) for s in systems]
+    base = [max(abs(float(v(theta0))), 1e-8) for v in validators]
+    w = np.asarray(weights, np.float64) / np.sum(weights)
+
+    def validate(theta):
+        losses = [float(v(theta)) for v in validators]
+        return float(np.sum(w * np.asarray(losses) / np.asarray(base)))
+
+    return validate
+
+
+def _compare_families(mixture, optimizer, num_steps, evaluation, out_dir) -> dict:
+    """The comparison with Adam on every family; summary.json maps family names to
+    their results."""
+    from es_l2o import evaluate
+
+    results = {}
+    for index, family in enumerate(mixture.families):
+        result = evaluate.compare_with_adam(
+            family,
+            optimizer,
+            num_steps,
+            num_tasks=int(evaluation.num_tasks),
+            seed=int(evaluation.seed),
+            learning_rates=list(evaluation.learning_rates),
+            reference_learning_rate=float(evaluation.reference_learning_rate),
+        )
+        name = family.name if family.name not in results else f"{family.name}#{index}"
+        results[name] = result
+        print(f"family {name}:")
+        print(evaluate.format_table(result))
+    (out_dir / "summary.json").write_text(json.dumps({"families": results}, indent=2))
+    return results
 
 
 #: config keys a resumed run may change; everything else must match its config.yaml
@@ -303,13 +389,20 @@ def run_train(cfg) -> Path:
     lopt = instantiate(cfg.lopt)
     system_kwargs = OmegaConf.to_container(cfg.system, resolve=True)
     system_kwargs["horizon"] = _horizon(system_kwargs.get("horizon"))
+    families = family.families if _is_mixture(family) else (family,)
     try:
-        system = LOptTraining(family, lopt, **system_kwargs)
+        systems = [LOptTraining(f, lopt, **system_kwargs) for f in families]
     except (TypeError, ValueError) as err:
         raise UsageError(f"bad system settings {system_kwargs}: {err}") from None
+    system = systems[0]
     make_estimator = instantiate(cfg.es)
     try:
-        estimator = make_estimator(system=system, **_mesh_kwargs(cfg, make_estimator))
+        if _is_mixture(family):
+            estimator = _mixture_estimator(cfg, make_estimator, systems, family)
+        else:
+            estimator = make_estimator(
+                system=system, **_mesh_kwargs(cfg, make_estimator)
+            )
     except (TypeError, ValueError) as err:
         raise UsageError(
             f"cannot build the estimator {cfg.es._target_}: {err}"
@@ -333,7 +426,11 @@ def run_train(cfg) -> Path:
 
     validate = None
     every = int(cfg.meta_validation.every)
-    if every > 0:
+    if every > 0 and _is_mixture(family):
+        validate = _mixture_validation(
+            systems, family.weights, cfg.meta_validation, theta0
+        )
+    elif every > 0:
         validate = _meta_validation(system, estimator, cfg.meta_validation)
     start = time.perf_counter()
     try:
@@ -388,7 +485,7 @@ def run_train(cfg) -> Path:
         optimizer_path,
         lopt,
         result.best_theta,
-        population=family.name,
+        population=_population_name(family),
         horizon=horizon,
         num_iterations=num_iterations,
         iteration=result.best_iteration,
@@ -403,7 +500,10 @@ def run_train(cfg) -> Path:
         flush=True,
     )
     optimizer = export.load(optimizer_path, num_steps=horizon)
-    _compare(family, optimizer, horizon, cfg.evaluation, run_dir)
+    if _is_mixture(family):
+        _compare_families(family, optimizer, horizon, cfg.evaluation, run_dir)
+    else:
+        _compare(family, optimizer, horizon, cfg.evaluation, run_dir)
     print(f"run directory: {run_dir}")
     return run_dir
 

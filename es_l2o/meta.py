@@ -116,6 +116,19 @@ def _to_python(metrics: dict) -> dict[str, float]:
     return out
 
 
+def _progress_fields(record: dict) -> dict[str, str]:
+    """The progress line: the meta-loss, and per family (metrics "meta_loss/NAME",
+    "nonfinite_steps/NAME") its meta-loss and, where any, its non-finite steps."""
+    fields = {"meta_loss": f"{record.get('meta_loss', math.nan):.4g}"}
+    for name, value in record.items():
+        what, _, family = name.partition("/")
+        if what == "meta_loss" and family:
+            fields[family] = f"{value:.3g}"
+        elif what == "nonfinite_steps" and family and value:
+            fields[f"{family}:nonfinite"] = str(value)
+    return fields
+
+
 def iteration_key(key: jax.Array, iteration: int) -> jax.Array:
     """The key of meta-iteration `iteration`: a pure function of the run's key."""
     return jax.random.fold_in(key, iteration)
@@ -508,9 +521,7 @@ def meta_train(
                     )
                     board.flush()
                 if bar is not None:
-                    bar.set_postfix(
-                        meta_loss=f"{record.get('meta_loss', math.nan):.4g}"
-                    )
+                    bar.set_postfix(_progress_fields(record))
                     bar.update(1)
                 if done == num_iterations or (
                     checkpoint_every and done % checkpoint_every == 0

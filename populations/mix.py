@@ -1,32 +1,20 @@
 """A weighted mixture of task families for meta-training.
 
-Tasks of different structures (parameter shapes) cannot share one vmap, so a
-mixture does not sample tasks itself: it picks ONE family per meta-iteration, and
-the whole population of that iteration trains tasks of that family.
+The config-facing container of families and their weights (`population=mix`). Every
+meta-iteration trains ALL of them: `es_l2o.es.MultiFamilyES` gives each family a
+share of the particles (whole antithetic pairs in proportion to the weights), runs
+every family's particles on their own tasks inside one jitted meta-step (families
+with different parameter shapes are separate vmaps of the same program), shapes
+each family's losses within the family and combines the families' gradient
+estimates with the weights into one meta-optimizer update. `es-l2o-train
+population=mix` composes it:
 
-How a trainer uses it: one system and one estimator per family (each compiles its
-`step` once, the first time its family is picked), one shared ES state:
-
-    mixture = instantiate(cfg.population).for_split("meta_train")
+    mixture = instantiate(cfg.population)
     systems = [LOptTraining(f, lopt, **cfg.system) for f in mixture.families]
-    estimators = [make_estimator(s) for s in systems]  # e.g. FullES(s, ...)
-    states = [est.init(key_init, theta) for est in estimators]  # builds each one
-    state = states[0]
-    for it in range(num_iterations):
-        key_choose, key_step = jax.random.split(jax.random.fold_in(key_run, it))
-        i = int(mixture.choose(key_choose))
-        state, metrics = estimators[i].step(key_step, state)
-        metrics["family"] = mixture.names[i]
+    estimator = MultiFamilyES.build(make_estimator, systems, mixture.weights,
+                                    population_size=cfg.es.population_size)
 
-FullES's state (the evosax state: mean theta, meta-optimizer state, and the
-iteration counter) has the same shapes for every family, so one state serves all
-estimators. Truncated estimators (PES, truncated ES) also carry per-particle inner
-states whose shapes depend on the family: keep `states[i]` per family and move
-the shared ES part (`es_state`, and the iteration counter) into `states[i]` before
-stepping family i, and out of it afterwards. Loss scales differ across families
-(quadratics ~1e2, cross-entropies ~1); rank-based fitness shaping works within one
-iteration, hence within one family, so the ES update needs no normalisation across
-families; log metrics per family.
+`choose` / `schedule` remain for drawing one family per iteration (a baseline).
 """
 
 from __future__ import annotations
@@ -41,7 +29,8 @@ from es_l2o.tasks import TaskFamily
 
 
 class FamilyMixture:
-    """Families with sampling weights; `choose(key)` picks one family's index.
+    """Families with weights: each family's share of the particles and of the
+    meta-gradient (`es_l2o.es.MultiFamilyES`); `choose(key)` picks one family.
 
     Args:
         families: the task families (each a different structure is fine).
@@ -120,7 +109,7 @@ class FamilyMixture:
     def choose(self, key: jax.Array) -> jax.Array:
         """The index of the family for one meta-iteration (int32 scalar; jittable).
 
-        The trainer converts it with `int(...)` to select the compiled meta-step.
+        For a one-family-per-iteration baseline; `MultiFamilyES` trains them all.
         """
         return jax.random.categorical(key, self._log_probs).astype(jnp.int32)
 

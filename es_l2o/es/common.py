@@ -151,11 +151,18 @@ def check_population_memory(
     """
     from es_l2o import sharding
 
-    inner = jax.eval_shape(system.init, jax.random.key(0), theta)
     sharding.check_memory(
         population_size=population_size,
-        bytes_per_particle=theta_copies * sharding.tree_bytes(theta)
-        + 3 * sharding.tree_bytes(inner),
+        bytes_per_particle=particle_bytes(system, theta, theta_copies),
         replicated_bytes=sharding.tree_bytes(es_state) if es_state is not None else 0,
         mesh=mesh,
     )
+
+
+def particle_bytes(system, theta, theta_copies: int = 2) -> int:
+    """Planned bytes of one particle (see `check_population_memory`), from shapes
+    alone: nothing is allocated."""
+    from es_l2o import sharding
+
+    inner = jax.eval_shape(system.init, jax.random.key(0), theta)
+    return theta_copies * sharding.tree_bytes(theta) + 3 * sharding.tree_bytes(inner)

@@ -67,6 +67,15 @@ def full_unroll(
     return value, jnp.sum(~outs.finite)
 
 
+def _fitness_metrics(fitness: jax.Array, failed: jax.Array) -> dict:
+    return {
+        "meta_loss": jnp.mean(fitness),
+        "meta_loss_min": jnp.min(fitness),
+        "meta_loss_max": jnp.max(fitness),
+        "nonfinite_steps": jnp.sum(failed),
+    }
+
+
 class FullES:
     """Full-unroll evolution strategies on any evosax distribution-based algorithm.
 
@@ -183,15 +192,16 @@ class FullES:
     def init(self, key: jax.Array, theta) -> ESState:
         """ES state centred on `theta`."""
         self._build(theta)
-        es_state = self.algorithm.init(key, theta, self.params)
+        # checked on shapes first: nothing large exists before the check passes
         common.check_population_memory(
             self.system,
             theta,
             self.population_size,
             self.mesh,
-            es_state,
+            jax.eval_shape(lambda k: self.algorithm.init(k, theta, self.params), key),
             theta_copies=1 if self.keyed else 2,
         )
+        es_state = self.algorithm.init(key, theta, self.params)
         state = ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
         return sharding.put_replicated(common.strong_types(state), self.mesh)
 
@@ -213,17 +223,69 @@ class FullES:
         es_state, fitness, failed = update
         mean = es_state.mean
         metrics = {
-            "meta_loss": jnp.mean(fitness),
-            "meta_loss_min": jnp.min(fitness),
-            "meta_loss_max": jnp.max(fitness),
-            "nonfinite_steps": jnp.sum(failed),
+            **_fitness_metrics(fitness, failed),
             "theta_norm": jnp.linalg.norm(mean),
             "theta_finite": jnp.all(jnp.isfinite(mean)),
         }
         state = ESState(es_state=es_state, iteration=state.iteration + 1)
         return common.strong_types(state), metrics
 
-    def _keyed_update(self, key_ask, keys, es_state):
+    # -- the pieces of a step, for estimators that combine several (MultiFamilyES) --
+
+    def estimate(self, key: jax.Array, state: ESState):
+        """The flat gradient estimate of one meta-iteration, not applied.
+
+        Returns:
+            (flat gradient (D,), state (unchanged: full unrolls keep nothing),
+            metrics). Open_ES only: other evosax algorithms update more than the
+            mean in their tell.
+        """
+        if not self.keyed:
+            raise ValueError(
+                "FullES.estimate needs algorithm='Open_ES' (a gradient estimate "
+                f"apart from its update); got {type(self.algorithm).__name__}"
+            )
+        key_ask, key_unroll, _ = jax.random.split(key, 3)
+        keys = common.particle_keys(key_unroll, self.population_size, self.antithetic)
+        fitness, failed = self._keyed_fitness(key_ask, keys, state.es_state)
+        grad = self.algorithm.shaped_gradient(
+            state.es_state,
+            key_ask,
+            fitness,
+            self.params,
+            self.mesh,
+            self.particle_chunk,
+        )
+        metrics = _fitness_metrics(fitness, failed)
+        metrics["grad_norm"] = jnp.linalg.norm(grad)
+        return grad, state, metrics
+
+    def apply_gradient(self, es_state, grad: jax.Array):
+        """One meta-optimizer step of the evosax state with a flat gradient."""
+        return self.algorithm.apply_gradient(es_state, grad)
+
+    def finish(self, state: ESState) -> ESState:
+        """Places the state after an update and counts the iteration."""
+        es_state = sharding.replicate(state.es_state, self.mesh)
+        state = ESState(es_state=es_state, iteration=state.iteration + 1)
+        return common.strong_types(state)
+
+    def _gradient(self, key, state: ESState):
+        grad, state, metrics = self.estimate(key, state)
+        return self.algorithm._unravel_solution(grad), {
+            "state": state,
+            "metrics": metrics,
+        }
+
+    @property
+    def gradient(self):
+        """Jitted `gradient(key, state) -> (grad, {"state", "metrics"})`: the raw
+        estimate as a theta-shaped pytree (Open_ES only), theta not moved."""
+        if getattr(self, "_jit_gradient", None) is None:
+            self._jit_gradient = jax.jit(self._gradient)
+        return self._jit_gradient
+
+    def _keyed_fitness(self, key_ask, keys, es_state):
         """Each particle builds its theta from (key_ask, its index) where it runs."""
         algorithm = self.algorithm
 
@@ -238,6 +300,11 @@ class FullES:
         fitness = sharding.replicate(
             common.sanitize_fitness(raw, self.nonfinite_penalty), self.mesh
         )
+        return fitness, failed
+
+    def _keyed_update(self, key_ask, keys, es_state):
+        algorithm = self.algorithm
+        fitness, failed = self._keyed_fitness(key_ask, keys, es_state)
         es_state = algorithm.keyed_tell(
             key_ask, fitness, es_state, self.params, self.mesh, self.particle_chunk
         )

@@ -180,9 +180,25 @@ class KeyedOpenES(Open_ES):
             ),
             best_fitness=jnp.where(improved, archive[best], state.best_fitness),
         )
+        grad = self.shaped_gradient(state, key_ask, fitness, params, mesh, chunk)
+        return self.apply_gradient(state, grad)
+
+    def shaped_gradient(
+        self,
+        state: State,
+        key_ask: jax.Array,
+        fitness: jax.Array,
+        params: Params,
+        mesh: Mesh | None = None,
+        chunk: int | None = None,
+    ) -> jax.Array:
+        """The flat gradient estimate of `keyed_tell` (shaped fitness), unapplied."""
         shaped = self.fitness_shaping_fn(None, fitness, state, params)
         shaped = self._postprocess_fitness(fitness, shaped)
-        grad = self.keyed_gradient(state, key_ask, shaped, mesh, chunk)
+        return self.keyed_gradient(state, key_ask, shaped, mesh, chunk)
+
+    def apply_gradient(self, state: State, grad: jax.Array) -> State:
+        """One meta-optimizer step of the mean, the std schedule and the counter."""
         updates, opt_state = self.optimizer.update(grad, state.opt_state, state.mean)
         return state.replace(
             mean=optax.apply_updates(state.mean, updates),

@@ -633,10 +633,15 @@ class _TruncatedEstimator:
         (staggered as the system says), antithetic partners on the same task."""
         self._build(theta)
         key_es, key_inner = jax.random.split(key)
-        es_state = self.algorithm.init(key_es, theta, self.params)
-        common.check_population_memory(
-            self.system, theta, self.population_size, self.mesh, es_state
+        # checked on shapes first: the stored per-pair rows (P/2 x D, twice) are the
+        # largest arrays of all, and nothing is allocated before the check passes
+        abstract = jax.eval_shape(
+            lambda k: self.algorithm.init(k, theta, self.params), key_es
         )
+        common.check_population_memory(
+            self.system, theta, self.population_size, self.mesh, abstract
+        )
+        es_state = self.algorithm.init(key_es, theta, self.params)
         state = TruncatedESState(
             es_state=es_state,
             inner=self._init_inner(key_inner, theta),
@@ -890,23 +895,38 @@ class _TruncatedEstimator:
         }
 
     def _step(self, key, state: TruncatedESState):
+        grad, state, metrics = self.estimate(key, state)
+        es_state = self.apply_gradient(state.es_state, grad)
+        mean = es_state.mean
+        metrics["theta_norm"] = jnp.linalg.norm(mean)
+        metrics["theta_finite"] = jnp.all(jnp.isfinite(mean))
+        return self.finish(state.replace(es_state=es_state)), metrics
+
+    # -- the pieces of a step, for estimators that combine several (MultiFamilyES) --
+
+    def estimate(self, key: jax.Array, state: TruncatedESState):
+        """One truncation of every particle and its flat gradient estimate, not
+        applied: `(grad (D,), state with advanced particles, metrics)`."""
         state = state.replace(
             es_state=self._split_rows(state.es_state),
             inner=sharding.shard_population(state.inner, self.mesh),
             loss_scale=sharding.shard_population(state.loss_scale, self.mesh),
         )
-        grad, state, metrics = self._estimate(key, state)
-        es_state = self.algorithm.apply_gradient(state.es_state, grad)
-        mean = es_state.mean
-        metrics["theta_norm"] = jnp.linalg.norm(mean)
-        metrics["theta_finite"] = jnp.all(jnp.isfinite(mean))
+        return self._estimate(key, state)
+
+    def apply_gradient(self, es_state: TruncatedState, grad: jax.Array):
+        """One meta-optimizer step of the evosax state with a flat gradient."""
+        return self.algorithm.apply_gradient(es_state, grad)
+
+    def finish(self, state: TruncatedESState) -> TruncatedESState:
+        """Places the state after an update and counts the iteration."""
         state = state.replace(
-            es_state=self._split_rows(es_state, replicate=True),
+            es_state=self._split_rows(state.es_state, replicate=True),
             inner=sharding.shard_population(state.inner, self.mesh),
             loss_scale=sharding.shard_population(state.loss_scale, self.mesh),
             iteration=state.iteration + 1,
         )
-        return common.strong_types(state), metrics
+        return common.strong_types(state)
 
 
 _ESTIMATOR_ARGS = """
