@@ -3,9 +3,10 @@
 A checkpoint holds any pytree of arrays (the estimator state with its evosax state
 and meta-optimizer state, every particle's inner state, the run's key, ...) plus the
 iteration and the number of lines of `metrics.jsonl` written at that point. The file
-format is the one of `es_l2o.export` (a JSON header and raw little-endian arrays,
-with a SHA-256 checksum over both): loading parses JSON and bytes only, never runs
-code, and checks every leaf's path, shape and dtype against a template. Typed PRNG
+format is that of `es_l2o.export.write_arrays` (a JSON header and raw little-endian
+arrays, with a SHA-256 checksum over both; optimizer files used it before they became
+safetensors): loading parses JSON and bytes only, never runs code, and checks every
+leaf's path, shape and dtype against a template. Typed PRNG
 keys are stored as their raw key data and rewrapped with their implementation.
 
 Each file is written to a temporary file, flushed, fsynced and renamed over its final
@@ -35,6 +36,7 @@ import jax
 
 import es_l2o
 from es_l2o.export import OptimizerFileError, read_arrays, restore_tree, write_arrays
+from es_l2o.files import remove_temp_files
 
 FORMAT = "es_l2o.checkpoint"
 FORMAT_VERSION = 1
@@ -121,19 +123,6 @@ def latest(directory: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(
     directory: str | os.PathLike,
     tree,
@@ -176,12 +165,9 @@ def save(
     }
     path = checkpoint_path(directory, iteration)
     write_arrays(path, data, header)
-    _fsync_directory(directory)
     for old in checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
-    for name in os.listdir(directory):  # temporary files of killed writes
-        if name.startswith(".tmp-") and name.endswith(".part"):
-            (directory / name).unlink(missing_ok=True)
+    remove_temp_files(directory)  # of killed writes
     return path
 
 

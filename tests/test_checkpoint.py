@@ -110,11 +110,15 @@ def test_missing_and_damaged_checkpoints_are_refused(tmp_path):
     path.write_bytes(bytes(raw[:-8]))
     with pytest.raises(checkpoint.CheckpointError, match="truncated"):
         checkpoint.load(path, template)
-    export.save(tmp_path / "opt.eslo", export.LOPTS["mlp"](), {"not": jnp.zeros(1)})
+    other = tmp_path / "opt.eslo"  # an optimizer file of the earlier format
+    export.write_arrays(other, {"not": jnp.zeros(1)}, {"format": export.FORMAT})
     with pytest.raises(
         checkpoint.CheckpointError, match="expected 'es_l2o.checkpoint'"
     ):
-        checkpoint.load(tmp_path / "opt.eslo", template)
+        checkpoint.load(other, template)
+    export.save(tmp_path / "opt.safetensors", export.LOPTS["mlp"](), {"x": jnp.ones(1)})
+    with pytest.raises(checkpoint.CheckpointError, match="not an es_l2o file"):
+        checkpoint.load(tmp_path / "opt.safetensors", template)
 
 
 def test_truncate_lines_cuts_after_the_checkpoint_position(tmp_path):
@@ -499,8 +503,8 @@ def _assert_same_run(run_dir, ref_dir):
     assert sorted(arrays) == sorted(ref_arrays)
     for name, array in arrays.items():  # the whole state, RNG keys included
         assert np.array_equal(array, ref_arrays[name]), name
-    _, theta, _ = export.load_theta(run_dir / "optimizer.eslo")
-    _, ref_theta, _ = export.load_theta(ref_dir / "optimizer.eslo")
+    _, theta, _ = export.load_theta(run_dir / "optimizer.safetensors")
+    _, ref_theta, _ = export.load_theta(ref_dir / "optimizer.safetensors")
     for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(ref_theta), strict=True):
         assert np.array_equal(a, b)
     assert _records(run_dir / "metrics.jsonl") == _records(ref_dir / "metrics.jsonl")
@@ -528,7 +532,7 @@ def test_sigterm_and_sigint_checkpoint_and_print_how_to_resume(runs, name, signu
     at = runs[f"{name}_at"]
     assert 1 <= at < N
     assert runs[f"{name}_lines"] == at  # stopped cleanly after the checkpoint
-    assert not (run_dir / "optimizer.eslo").exists()
+    assert not (run_dir / "optimizer.safetensors").exists()
 
 
 def test_tensorboard_events_of_a_killed_and_resumed_run(runs):
