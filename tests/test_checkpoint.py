@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
-from es_l2o import checkpoint, event_file, export
+from es_l2o import checkpoint, export, files
 from es_l2o.cli import train_main
 from es_l2o.meta import (
     Interrupted,
@@ -28,6 +30,7 @@ from es_l2o.meta import (
     meta_train,
     truncate_lines,
 )
+from es_l2o.summaries import ScalarWriter
 
 # ------------------------------------------------------------------------------------
 # the checkpoint file
@@ -314,74 +317,34 @@ def test_a_non_finite_theta_stops_the_run_before_it_is_saved(tmp_path):
 
 
 def _read_events(path):
-    """Decodes an event file: [(step, {tag: value}, session_start, file_version)]."""
+    """An event file's [(step, {tag: value}, session_start, file_version)]: TFRecord
+    framing checked with tensorboardX's CRC, events parsed by its protobuf classes."""
     data, at, events = Path(path).read_bytes(), 0, []
     while at < len(data):
-        (length,) = struct.unpack_from("<Q", data, at)
+        header = data[at : at + 8]
+        (length,) = struct.unpack("<Q", header)
         (length_crc,) = struct.unpack_from("<I", data, at + 8)
-        assert length_crc == event_file.masked_crc32c(data[at : at + 8])
         body = data[at + 12 : at + 12 + length]
         (body_crc,) = struct.unpack_from("<I", data, at + 12 + length)
-        assert body_crc == event_file.masked_crc32c(body)
-        events.append(_decode_event(body))
+        assert (length_crc, body_crc) == (masked_crc32c(header), masked_crc32c(body))
+        event = event_pb2.Event.FromString(body)
+        events.append(
+            (
+                event.step,
+                {v.tag: v.simple_value for v in event.summary.value},
+                event.session_log.status == event_pb2.SessionLog.START,
+                event.file_version or None,
+            )
+        )
         at += 16 + length
     return events
 
 
-def _varint(buf, i):
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not byte & 0x80:
-            return value, i
-
-
-def _fields(buf):
-    i, out = 0, []
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        else:
-            size, i = _varint(buf, i)
-            value, i = buf[i : i + size], i + size
-        out.append((number, value))
-    return out
-
-
-def _decode_event(body):
-    step, scalars, start, version = None, {}, False, None
-    for number, value in _fields(body):
-        if number == 2:
-            step = value
-        elif number == 3:
-            version = value.decode()
-        elif number == 5:
-            for _, item in _fields(value):
-                item = dict(_fields(item))
-                scalars[item[1].decode()] = struct.unpack("<f", item[2])[0]
-        elif number == 7:
-            start = dict(_fields(value)) == {1: 1}
-    return step, scalars, start, version
-
-
-def test_crc32c_matches_the_standard_check_value():
-    assert event_file.crc32c(b"123456789") == 0xE3069283
-    assert event_file.crc32c(b"") == 0
-
-
 def test_event_files_decode_and_a_resumed_writer_marks_its_restart(tmp_path):
-    with event_file.EventFileWriter(tmp_path) as writer:
+    with ScalarWriter(tmp_path) as writer:
         writer.scalars(0, {"meta_loss": 2.5, "theta_finite": 1, "note": "skipped"})
         writer.scalars(1, {"meta_loss": float("nan")})
-    with event_file.EventFileWriter(tmp_path / "b", resume_step=7) as writer:
+    with ScalarWriter(tmp_path / "b", purge_step=7) as writer:
         writer.scalars(7, {"meta_loss": -1.0})
     first = _read_events(next(tmp_path.glob("events.out.tfevents.*")))
     assert first[0][3] == "brain.Event:2"
@@ -392,6 +355,23 @@ def test_event_files_decode_and_a_resumed_writer_marks_its_restart(tmp_path):
         (7, {}, True),
         (7, {"meta_loss": -1.0}, False),
     ]
+
+
+def test_events_flushed_before_a_kill_are_in_the_file(tmp_path):
+    script = (
+        "import os, signal, sys\n"
+        "from es_l2o.summaries import ScalarWriter\n"
+        "writer = ScalarWriter(sys.argv[1])\n"
+        "for step in range(20):\n"
+        "    writer.scalars(step, {f'tag{i}': step for i in range(8)})\n"
+        "    writer.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    events = _read_events(next(tmp_path.glob("events.out.tfevents.*")))
+    assert [e[0] for e in events[1:]] == list(range(20))
+    assert all(len(e[1]) == 8 for e in events[1:])
 
 
 # ------------------------------------------------------------------------------------
@@ -518,6 +498,7 @@ def test_sigkill_then_resume_ends_bitwise_where_an_uninterrupted_run_ends(runs):
     assert runs["kill_lines"] >= runs["kill_at"]
     assert runs["kill_resume"][0] == 0, runs["kill_resume"][1][-2000:]
     assert len(checkpoint.checkpoints(root / "kill" / "checkpoints")) == 2  # keep=2
+    assert not files.temp_files(root / "kill")  # nor one a killed write left
     _assert_same_run(root / "kill", root / "ref")
 
 
