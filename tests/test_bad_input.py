@@ -162,27 +162,31 @@ def test_crafted_files_are_refused_and_never_run_code(tmp_path, saved, capsys):
         assert eval_main([str(path), "horizon=4"]) == 2, name
         err = capsys.readouterr().err.strip()
         assert err.startswith("es-l2o-eval: error:") and len(err.splitlines()) == 1
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "ckpt-00000001.eslc").write_bytes(data)
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(folder, template)
+        folder = tmp_path / name / "ckpt_00000001"
+        (folder / "meta").mkdir(parents=True)  # the crafted bytes as its record
+        (folder / "meta" / "metadata").write_bytes(data)
+        with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+            checkpoint.load(folder.parent, template)
     assert not marker.exists()
 
 
-def test_forged_checkpoint_headers_are_refused(tmp_path):
+def test_forged_checkpoint_records_are_refused(tmp_path):
     path = checkpoint.save(tmp_path, {"k": jax.random.key(0)}, iteration=1)
-    raw = path.read_bytes()
+    record_path = path / "meta" / "metadata"
+    raw = record_path.read_text()
     template = jax.eval_shape(lambda: {"k": jax.random.key(0)})
     for changes, match in (
         ({"key_impls": {"['k']": "evil"}}, "holds PRNG keys"),
         ({"iteration": -4}, "bad iteration"),
         ({"format_version": 99}, "format version 99"),
+        ({"format": "es_l2o.optimizer"}, "expected 'es_l2o.checkpoint'"),
+        ({"leaves": "k"}, "no list of leaves"),
+        ({"leaves": [["['k']", "uint32", [3]]]}, r"is uint32\[3\], expected"),
     ):
-        path.write_bytes(_forge(raw, **changes))
+        record_path.write_text(json.dumps({**json.loads(raw), **changes}))
         with pytest.raises(checkpoint.CheckpointError, match=match):
             checkpoint.load(path, template)
-    path.write_bytes(raw)
+    record_path.write_text(raw)
     assert checkpoint.load(path, template).iteration == 1
 
 

@@ -74,13 +74,17 @@ def test_round_trip_keeps_every_leaf_and_typed_keys(tmp_path):
 
 def test_keeps_the_last_k_and_cleans_temporary_files(tmp_path):
     (tmp_path / ".tmp-left-by-a-kill.part").write_bytes(b"partial")
+    cut_short = tmp_path / "ckpt_00000009.orbax-checkpoint-tmp-1234567"
+    (cut_short / "state").mkdir(parents=True)  # as a kill during a save leaves it
     for i in range(1, 6):
         checkpoint.save(tmp_path, {"x": jnp.float32(i)}, iteration=i, keep=2)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
-        "ckpt-00000004.eslc",
-        "ckpt-00000005.eslc",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_00000004",
+        "ckpt_00000005",
     ]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert checkpoint.checkpoints(tmp_path) == [
+        checkpoint.checkpoint_path(tmp_path, i) for i in (4, 5)
+    ]
     loaded = checkpoint.load(tmp_path, {"x": jax.ShapeDtypeStruct((), jnp.float32)})
     assert loaded.iteration == 5 and float(loaded.tree["x"]) == 5.0
 
@@ -100,28 +104,53 @@ def test_a_checkpoint_of_another_structure_is_refused(tmp_path, template, match)
         checkpoint.load(tmp_path, template)
 
 
-def test_missing_and_damaged_checkpoints_are_refused(tmp_path):
+def _data_files(path):
+    return [f for f in sorted(Path(path).rglob("*")) if f.parent.name == "d"]
+
+
+def _record(path):
+    return Path(path) / "meta" / "metadata"
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "record", "checksum", "gone"])
+def test_missing_and_damaged_checkpoints_are_refused(tmp_path, damage):
     template = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path, template)
     path = checkpoint.save(tmp_path, {"x": jnp.arange(4.0)}, iteration=3)
-    raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    with pytest.raises(checkpoint.CheckpointError, match="corrupted"):
-        checkpoint.load(path, template)
-    path.write_bytes(bytes(raw[:-8]))
-    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
-        checkpoint.load(path, template)
-    other = tmp_path / "opt.eslo"  # an optimizer file of the earlier format
-    export.write_arrays(other, {"not": jnp.zeros(1)}, {"format": export.FORMAT})
+    assert _data_files(path)
+    for f in _data_files(path):
+        raw = f.read_bytes()
+        if damage == "flip":
+            f.write_bytes(raw[:-3] + bytes([raw[-3] ^ 0xFF]) + raw[-2:])
+        elif damage == "cut":
+            f.write_bytes(raw[: len(raw) // 2])
+    if damage == "record":
+        _record(path).write_text(_record(path).read_text()[:-9])
+    elif damage == "checksum":
+        record = json.loads(_record(path).read_text())
+        _record(path).write_text(json.dumps({**record, "sha256": "0" * 64}))
+    elif damage == "gone":
+        shutil.rmtree(path / "state")
     with pytest.raises(
-        checkpoint.CheckpointError, match="expected 'es_l2o.checkpoint'"
-    ):
-        checkpoint.load(other, template)
-    export.save(tmp_path / "opt.safetensors", export.LOPTS["mlp"](), {"x": jnp.ones(1)})
-    with pytest.raises(checkpoint.CheckpointError, match="not an es_l2o file"):
-        checkpoint.load(tmp_path / "opt.safetensors", template)
+        checkpoint.CheckpointError, match="damaged|corrupted|checksum"
+    ) as err:
+        checkpoint.load(path, template)
+    assert len(str(err.value).splitlines()) == 1 and str(path) in str(err.value)
+    if damage == "checksum":
+        assert "checksum does not match" in str(err.value)
+
+
+def test_files_that_are_not_checkpoints_are_refused(tmp_path):
+    template = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    other = tmp_path / "opt.eslo"
+    export.write_arrays(other, {"not": jnp.zeros(1)}, {"format": export.FORMAT})
+    (tmp_path / "ckpt_00000001").write_bytes(other.read_bytes())
+    for path in (other, tmp_path / "ckpt_00000001"):
+        with pytest.raises(checkpoint.CheckpointError, match="no checkpoint folder"):
+            checkpoint.load(path, template)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path, template)
 
 
 def test_truncate_lines_cuts_after_the_checkpoint_position(tmp_path):
@@ -233,7 +262,9 @@ def test_a_signal_finishes_the_iteration_checkpoints_and_resume_is_exact(
         _train(tmp_path, _Walk(on_step=send))
     assert signal.getsignal(signum) is previous  # handlers restored
     assert stopped.value.iteration == 3 and stopped.value.signum == signum
-    assert stopped.value.checkpoint == tmp_path / "checkpoints" / "ckpt-00000003.eslc"
+    assert stopped.value.checkpoint == checkpoint.checkpoint_path(
+        tmp_path / "checkpoints", 3
+    )
     assert len(_records(tmp_path / "metrics.jsonl")) == 3
     # a line written after the checkpoint (as by a kill) is dropped on resume
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -305,7 +336,7 @@ def test_a_non_finite_theta_stops_the_run_before_it_is_saved(tmp_path):
     with pytest.raises(NonFiniteThetaError, match="non-finite at iteration 4"):
         _train(tmp_path, _Walk(break_at=5), validate=None)
     for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
-        header, arrays = export.read_arrays(path, checkpoint.FORMAT)
+        header, arrays = checkpoint.arrays(path)
         assert header["iteration"] <= 4
         assert all(
             np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f"
@@ -473,7 +504,7 @@ def runs(tmp_path_factory):
 
 def _final_state(run_dir):
     path = checkpoint.latest(Path(run_dir) / "checkpoints")
-    header, arrays = export.read_arrays(path, checkpoint.FORMAT)
+    header, arrays = checkpoint.arrays(path)
     return header["iteration"], arrays
 
 
@@ -563,13 +594,12 @@ def test_resume_with_another_config_is_refused(runs, tmp_path, capsys):
 def test_resume_from_a_corrupted_checkpoint_is_refused(runs, tmp_path, capsys):
     run_dir = _copy(runs, "kill", tmp_path)
     older, newest = checkpoint.checkpoints(run_dir / "checkpoints")
-    raw = bytearray(newest.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    newest.write_bytes(bytes(raw))
+    record = json.loads(_record(newest).read_text())
+    _record(newest).write_text(json.dumps({**record, "sha256": "0" * 64}))
     err = _refused([f"resume={run_dir}"], capsys)
     assert "corrupted" in err and newest.name in err
     assert f"previous checkpoint {older.name}" in err
-    newest.unlink()
+    shutil.rmtree(newest)
     shutil.rmtree(run_dir / "checkpoints")
     err = _refused([f"resume={run_dir}"], capsys)
     assert "no checkpoint in" in err

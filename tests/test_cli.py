@@ -60,13 +60,15 @@ def test_a_resumed_run_removes_the_temporary_files_of_killed_writes(tiny_run, tm
         run_dir / ".theta.safetensors.tmp-k1ll3d.part",
         run_dir / ".config.yaml.tmp-k1ll3d.part",
         run_dir / ".tmp-k1ll3d.part",  # by the earlier writer
-        run_dir / "checkpoints" / ".ckpt-00000003.eslc.tmp-k1ll3d.part",
+        run_dir / "checkpoints" / ".tmp-k1ll3d.part",
     ]
     for path in left:
         path.write_bytes(b"partial")
+    cut_short = run_dir / "checkpoints" / "ckpt_00000003.orbax-checkpoint-tmp-99"
+    (cut_short / "state").mkdir(parents=True)
     assert files.temp_files(run_dir) == sorted(left[:3])
     assert train_main([f"resume={run_dir}", "num_iterations=3"]) == 0
-    assert not [p for p in left if p.exists()]
+    assert not [p for p in [*left, cut_short] if p.exists()]
     assert not files.temp_files(run_dir) + files.temp_files(run_dir / "checkpoints")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1, 2]
