@@ -9,11 +9,13 @@ holds the arrays (each process writes the shards it holds), `meta/` a JSON recor
 dtype and shape, and a SHA-256 over the leaves). Typed PRNG keys are stored as their
 raw key data and rewrapped with their implementation.
 
-Orbax writes a checkpoint into a temporary folder and renames it when complete, so a
-kill at any moment leaves the old set of checkpoints (and a temporary folder, which the
-next save or load deletes). Loading reads JSON and raw arrays only, never runs code,
-checks every leaf's path, shape and dtype against a template before reading arrays,
-and the checksum after.
+Orbax writes a checkpoint into a temporary folder and renames it when complete; then
+`files.sha256.json` (the seal) lists the SHA-256 of each of its files. A checkpoint
+without a seal does not count, so a kill at any moment leaves the old set of
+checkpoints (and a temporary or unsealed folder, which the next save deletes).
+Loading checks the files against the seal before Orbax reads them, reads JSON and raw
+arrays only (never runs code), checks every leaf's path, shape and dtype against a
+template before reading arrays, and the arrays' checksum after.
 
 Example:
     >>> import jax, jax.numpy as jnp, tempfile
@@ -33,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,12 +44,14 @@ import numpy as np
 
 import es_l2o
 from es_l2o.export import OptimizerFileError
-from es_l2o.files import remove_temp_files
+from es_l2o.files import remove_temp_files, write_atomic
 
 FORMAT = "es_l2o.checkpoint"
 FORMAT_VERSION = 2
 PREFIX = "ckpt"
 _NAME = re.compile(r"^" + PREFIX + r"_(\d{8,})$")
+#: the file that lists the SHA-256 of every file of a complete checkpoint
+SEAL = "files.sha256.json"
 #: PRNG implementations a checkpoint may name for its typed keys
 KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -109,7 +114,7 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
     found = [
         (int(m.group(1)), directory / name)
         for name in os.listdir(directory)
-        if (m := _NAME.match(name)) and (directory / name).is_dir()
+        if (m := _NAME.match(name)) and (directory / name / SEAL).is_file()
     ]
     return [path for _, path in sorted(found)]
 
@@ -158,6 +163,54 @@ def _digest(tree) -> str:
         h.update(json.dumps([path, dtype, shape]).encode())
         h.update(np.asarray(jax.device_get(leaf)).tobytes())
     return h.hexdigest()
+
+
+def _file_digests(path: Path) -> dict[str, str]:
+    """{path relative to `path`: SHA-256} of every file in the folder but the seal."""
+    digests = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != SEAL:
+            digests[f.relative_to(path).as_posix()] = hashlib.sha256(
+                f.read_bytes()
+            ).hexdigest()
+    return digests
+
+
+def _seal(path: Path) -> None:
+    """Marks the checkpoint folder `path` complete: the SHA-256 of each of its files."""
+    write_atomic(path / SEAL, json.dumps(_file_digests(path), indent=1))
+
+
+def _check_seal(source: str, path: Path) -> None:
+    """Refuses a checkpoint folder whose files differ from its seal (before Orbax
+    reads them: a damaged file there would leave its reader's threads failing)."""
+    try:
+        sealed = json.loads((path / SEAL).read_text())
+        if not isinstance(sealed, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{source} is incomplete (no {SEAL}: its save was cut short)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{source} has a corrupted {SEAL}: {err}") from None
+    found = _file_digests(path)
+    for name, digest in sorted(sealed.items()):
+        if name not in found:
+            raise CheckpointError(f"{source} is damaged: its file {name} is missing")
+        if found[name] != digest:
+            raise CheckpointError(
+                f"{source} is corrupted: its file {name} does not match its SHA-256"
+            )
+
+
+def _remove_unsealed(directory: Path) -> None:
+    """Deletes checkpoint folders without a seal (a kill between Orbax's rename and
+    the seal), which would block saving their iteration again."""
+    if directory.is_dir():
+        for name in os.listdir(directory):
+            if _NAME.match(name) and not (directory / name / SEAL).is_file():
+                shutil.rmtree(directory / name, ignore_errors=True)
 
 
 def save(
@@ -209,6 +262,7 @@ def save(
     except TypeError as err:
         raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
     remove_temp_files(directory)  # of the earlier file format's killed writes
+    _remove_unsealed(directory)
     with _manager(directory, keep) as manager:
         manager.save(
             int(iteration),
@@ -218,12 +272,17 @@ def save(
             force=True,
         )
         manager.wait_until_finished()
-    return checkpoint_path(directory, iteration)
+    path = checkpoint_path(directory, iteration)
+    _seal(path)
+    return path
 
 
 def _first_line(err: BaseException) -> str:
+    """The start of an error's message (tensorstore appends long specs)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    text = text.splitlines()[0].split(" [tensorstore_spec")[0] if text else ""
+    text = text or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _restore(path: Path, **items):
@@ -314,6 +373,7 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
     elif not path.is_dir() or not _NAME.match(path.name):
         raise CheckpointError(f"no checkpoint folder ({PREFIX}_*) at {str(path)!r}")
     source = repr(str(path))
+    _check_seal(source, path)
     record = _restore(path, meta=ocp.args.JsonRestore())["meta"]
     record = _check_record(source, record)
     expected_impls = {}
@@ -363,6 +423,7 @@ def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     import orbax.checkpoint as ocp
 
     path = Path(path)
+    _check_seal(repr(str(path)), path)
     record = _check_record(
         repr(str(path)), _restore(path, meta=ocp.args.JsonRestore())["meta"]
     )

@@ -165,6 +165,7 @@ def test_crafted_files_are_refused_and_never_run_code(tmp_path, saved, capsys):
         folder = tmp_path / name / "ckpt_00000001"
         (folder / "meta").mkdir(parents=True)  # the crafted bytes as its record
         (folder / "meta" / "metadata").write_bytes(data)
+        checkpoint._seal(folder)  # a complete-looking checkpoint
         with pytest.raises(checkpoint.CheckpointError, match="damaged"):
             checkpoint.load(folder.parent, template)
     assert not marker.exists()
@@ -184,9 +185,13 @@ def test_forged_checkpoint_records_are_refused(tmp_path):
         ({"leaves": [["['k']", "uint32", [3]]]}, r"is uint32\[3\], expected"),
     ):
         record_path.write_text(json.dumps({**json.loads(raw), **changes}))
+        checkpoint._seal(path)  # as a forger would
         with pytest.raises(checkpoint.CheckpointError, match=match):
             checkpoint.load(path, template)
     record_path.write_text(raw)
+    with pytest.raises(checkpoint.CheckpointError, match="meta/metadata does not"):
+        checkpoint.load(path, template)  # sealed with the last forgery
+    checkpoint._seal(path)
     assert checkpoint.load(path, template).iteration == 1
 
 

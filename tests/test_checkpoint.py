@@ -76,6 +76,8 @@ def test_keeps_the_last_k_and_cleans_temporary_files(tmp_path):
     (tmp_path / ".tmp-left-by-a-kill.part").write_bytes(b"partial")
     cut_short = tmp_path / "ckpt_00000009.orbax-checkpoint-tmp-1234567"
     (cut_short / "state").mkdir(parents=True)  # as a kill during a save leaves it
+    (tmp_path / "ckpt_00000002" / "state").mkdir(parents=True)  # renamed, unsealed
+    assert checkpoint.checkpoints(tmp_path) == []
     for i in range(1, 6):
         checkpoint.save(tmp_path, {"x": jnp.float32(i)}, iteration=i, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -112,7 +114,9 @@ def _record(path):
     return Path(path) / "meta" / "metadata"
 
 
-@pytest.mark.parametrize("damage", ["flip", "cut", "record", "checksum", "gone"])
+@pytest.mark.parametrize(
+    "damage", ["flip", "cut", "record", "checksum", "gone", "unsealed"]
+)
 def test_missing_and_damaged_checkpoints_are_refused(tmp_path, damage):
     template = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
@@ -130,10 +134,14 @@ def test_missing_and_damaged_checkpoints_are_refused(tmp_path, damage):
     elif damage == "checksum":
         record = json.loads(_record(path).read_text())
         _record(path).write_text(json.dumps({**record, "sha256": "0" * 64}))
+        checkpoint._seal(path)  # as a forger would: the arrays' checksum must catch it
     elif damage == "gone":
         shutil.rmtree(path / "state")
+    elif damage == "unsealed":
+        (path / checkpoint.SEAL).unlink()
+        assert checkpoint.latest(tmp_path) is None
     with pytest.raises(
-        checkpoint.CheckpointError, match="damaged|corrupted|checksum"
+        checkpoint.CheckpointError, match="damaged|corrupted|incomplete"
     ) as err:
         checkpoint.load(path, template)
     assert len(str(err.value).splitlines()) == 1 and str(path) in str(err.value)
