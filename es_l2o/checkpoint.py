@@ -1,16 +1,21 @@
-"""Checkpoints of a whole meta-training state, written atomically, the last k kept.
+"""Checkpoints of a whole meta-training state through Orbax, the last k kept.
 
 A checkpoint holds any pytree of arrays (the estimator state with its evosax state
 and meta-optimizer state, every particle's inner state, the run's key, ...) plus the
-iteration and the number of lines of `metrics.jsonl` written at that point. The file
-format is the one of `es_l2o.export` (a JSON header and raw little-endian arrays,
-with a SHA-256 checksum over both): loading parses JSON and bytes only, never runs
-code, and checks every leaf's path, shape and dtype against a template. Typed PRNG
-keys are stored as their raw key data and rewrapped with their implementation.
+iteration and the number of lines of `metrics.jsonl` written at that point. It is a
+folder `ckpt_<iteration>` written by `orbax.checkpoint.CheckpointManager`: `state/`
+holds the arrays (each process writes the shards it holds), `meta/` a JSON record
+(format, iteration, metrics position, the caller's metadata, every leaf's path,
+dtype and shape, and a SHA-256 over the leaves). Typed PRNG keys are stored as their
+raw key data and rewrapped with their implementation.
 
-Each file is written to a temporary file, flushed, fsynced and renamed over its final
-name, and the directory is fsynced, so a kill at any moment leaves either the old
-set of checkpoints or the old set plus a complete new one.
+Orbax writes a checkpoint into a temporary folder and renames it when complete; then
+`files.sha256.json` (the seal) lists the SHA-256 of each of its files. A checkpoint
+without a seal does not count, so a kill at any moment leaves the old set of
+checkpoints (and a temporary or unsealed folder, which the next save deletes).
+Loading checks the files against the seal before Orbax reads them, reads JSON and raw
+arrays only (never runs code), checks every leaf's path, shape and dtype against a
+template before reading arrays, and the arrays' checksum after.
 
 Example:
     >>> import jax, jax.numpy as jnp, tempfile
@@ -18,7 +23,7 @@ Example:
     >>> directory = tempfile.mkdtemp()
     >>> path = save(directory, tree, iteration=5, metrics_position=5)
     >>> path.name
-    'ckpt-00000005.eslc'
+    'ckpt_00000005'
     >>> restored = load(directory, jax.eval_shape(lambda: tree))
     >>> restored.iteration, bool(jnp.all(restored.tree["w"] == tree["w"]))
     (5, True)
@@ -26,20 +31,27 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 import es_l2o
-from es_l2o.export import OptimizerFileError, read_arrays, restore_tree, write_arrays
+from es_l2o.export import OptimizerFileError
+from es_l2o.files import remove_temp_files, write_atomic
 
 FORMAT = "es_l2o.checkpoint"
-FORMAT_VERSION = 1
-SUFFIX = ".eslc"
-_NAME = re.compile(r"^ckpt-(\d{8,})" + re.escape(SUFFIX) + r"$")
+FORMAT_VERSION = 2
+PREFIX = "ckpt"
+_NAME = re.compile(r"^" + PREFIX + r"_(\d{8,})$")
+#: the file that lists the SHA-256 of every file of a complete checkpoint
+SEAL = "files.sha256.json"
 #: PRNG implementations a checkpoint may name for its typed keys
 KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
@@ -53,7 +65,7 @@ class Checkpoint(NamedTuple):
 
     tree: the saved pytree (leaves as jax arrays); iteration: meta-iterations done;
     metrics_position: lines of metrics.jsonl written when it was saved; metadata: the
-    JSON metadata given to `save`; path: the file it came from.
+    JSON metadata given to `save`; path: the folder it came from.
     """
 
     tree: Any
@@ -91,7 +103,7 @@ def _unkey(tree) -> tuple[Any, dict[str, str]]:
 
 def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
     """Where `save` puts the checkpoint of `iteration` in `directory`."""
-    return Path(directory) / f"ckpt-{int(iteration):08d}{SUFFIX}"
+    return Path(directory) / f"{PREFIX}_{int(iteration):08d}"
 
 
 def checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -102,13 +114,13 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
     found = [
         (int(m.group(1)), directory / name)
         for name in os.listdir(directory)
-        if (m := _NAME.match(name))
+        if (m := _NAME.match(name)) and (directory / name / SEAL).is_file()
     ]
     return [path for _, path in sorted(found)]
 
 
 def iteration_of(path: str | os.PathLike) -> int:
-    """The iteration a checkpoint's file name gives (its header holds the same)."""
+    """The iteration a checkpoint's folder name gives (its record holds the same)."""
     match = _NAME.match(Path(path).name)
     if match is None:
         raise CheckpointError(f"{str(path)!r} is not named like a checkpoint")
@@ -121,17 +133,84 @@ def latest(directory: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_directory(directory: Path) -> None:
+def _manager(directory: Path, keep: int | None = None):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        step_prefix=PREFIX,
+        step_format_fixed_length=8,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,  # of saves that a kill cut short
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _leaf_table(tree) -> list[list]:
+    """[[path, dtype, shape], ...] of every leaf, in flattening order."""
+    return [
+        [jax.tree_util.keystr(p), np.dtype(leaf.dtype).name, list(np.shape(leaf))]
+        for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _digest(tree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in flattening order."""
+    h = hashlib.sha256()
+    for (path, dtype, shape), leaf in zip(
+        _leaf_table(tree), jax.tree.leaves(tree), strict=True
+    ):
+        h.update(json.dumps([path, dtype, shape]).encode())
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def _file_digests(path: Path) -> dict[str, str]:
+    """{path relative to `path`: SHA-256} of every file in the folder but the seal."""
+    digests = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.name != SEAL:
+            digests[f.relative_to(path).as_posix()] = hashlib.sha256(
+                f.read_bytes()
+            ).hexdigest()
+    return digests
+
+
+def _seal(path: Path) -> None:
+    """Marks the checkpoint folder `path` complete: the SHA-256 of each of its files."""
+    write_atomic(path / SEAL, json.dumps(_file_digests(path), indent=1))
+
+
+def _check_seal(source: str, path: Path) -> None:
+    """Refuses a checkpoint folder whose files differ from its seal (before Orbax
+    reads them: a damaged file there would leave its reader's threads failing)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        sealed = json.loads((path / SEAL).read_text())
+        if not isinstance(sealed, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{source} is incomplete (no {SEAL}: its save was cut short)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{source} has a corrupted {SEAL}: {err}") from None
+    found = _file_digests(path)
+    for name, digest in sorted(sealed.items()):
+        if name not in found:
+            raise CheckpointError(f"{source} is damaged: its file {name} is missing")
+        if found[name] != digest:
+            raise CheckpointError(
+                f"{source} is corrupted: its file {name} does not match its SHA-256"
+            )
+
+
+def _remove_unsealed(directory: Path) -> None:
+    """Deletes checkpoint folders without a seal (a kill between Orbax's rename and
+    the seal), which would block saving their iteration again."""
+    if directory.is_dir():
+        for name in os.listdir(directory):
+            if _NAME.match(name) and not (directory / name / SEAL).is_file():
+                shutil.rmtree(directory / name, ignore_errors=True)
 
 
 def save(
@@ -148,13 +227,13 @@ def save(
     Args:
         directory: the checkpoint folder (created if missing).
         tree: a pytree of arrays; typed PRNG keys are allowed.
-        iteration: meta-iterations done; names the file.
+        iteration: meta-iterations done; names the checkpoint.
         metrics_position: lines of metrics.jsonl that belong to this state.
-        metadata: JSON-serialisable notes stored in the header.
+        metadata: JSON-serialisable notes stored in its record.
         keep: how many checkpoints to keep (older ones are deleted).
 
     Returns:
-        The path of the new checkpoint.
+        The path of the new checkpoint (a folder).
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be a positive integer, got {keep!r}")
@@ -163,9 +242,11 @@ def save(
             "iteration and metrics_position must be >= 0, got "
             f"{iteration} and {metrics_position}"
         )
+    import orbax.checkpoint as ocp
+
     directory = Path(directory)
     data, impls = _unkey(tree)
-    header = {
+    record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": es_l2o.__version__,
@@ -173,23 +254,107 @@ def save(
         "metrics_position": int(metrics_position),
         "key_impls": impls,
         "metadata": dict(metadata or {}),
+        "leaves": _leaf_table(data),
+        "sha256": _digest(data),
     }
+    try:
+        json.dumps(record)
+    except TypeError as err:
+        raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
+    remove_temp_files(directory)  # of the earlier file format's killed writes
+    _remove_unsealed(directory)
+    with _manager(directory, keep) as manager:
+        manager.save(
+            int(iteration),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(data), meta=ocp.args.JsonSave(record)
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
     path = checkpoint_path(directory, iteration)
-    write_arrays(path, data, header)
-    _fsync_directory(directory)
-    for old in checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-    for name in os.listdir(directory):  # temporary files of killed writes
-        if name.startswith(".tmp-") and name.endswith(".part"):
-            (directory / name).unlink(missing_ok=True)
+    _seal(path)
     return path
+
+
+def _first_line(err: BaseException) -> str:
+    """The start of an error's message (tensorstore appends long specs)."""
+    text = str(err).strip()
+    text = text.splitlines()[0].split(" [tensorstore_spec")[0] if text else ""
+    text = text or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _restore(path: Path, **items):
+    """Orbax's restore of `items` from the checkpoint folder `path`."""
+    import orbax.checkpoint as ocp
+
+    try:
+        with _manager(path.parent) as manager:
+            return manager.restore(iteration_of(path), args=ocp.args.Composite(**items))
+    except Exception as err:  # noqa: BLE001 - any damage, as one line
+        raise CheckpointError(
+            f"{str(path)!r} is damaged (corrupted or truncated): {_first_line(err)}"
+        ) from None
+
+
+def _check_record(source: str, record) -> dict:
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{source} has a corrupted record: {record!r:.60}")
+    if record.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{source} holds format {record.get('format')!r}, expected {FORMAT!r}"
+        )
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has checkpoint format version "
+            f"{record.get('format_version')!r}; this es_l2o reads {FORMAT_VERSION}"
+        )
+    for name in ("iteration", "metrics_position"):
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{source} has a bad {name}: {value!r}")
+    if not isinstance(record.get("leaves"), list):
+        raise CheckpointError(f"{source} has a corrupted record: no list of leaves")
+    return record
+
+
+def _check_leaves(source: str, stored: list, template) -> None:
+    """The stored [[path, dtype, shape], ...] against `template`'s leaves."""
+    expected = {path: (dtype, shape) for path, dtype, shape in _leaf_table(template)}
+    try:
+        found = {path: (dtype, shape) for path, dtype, shape in stored}
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source} has a corrupted list of leaves") from None
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the expected structure: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for path, (dtype, shape) in expected.items():
+        if found[path] != (dtype, shape):
+            got_dtype, got_shape = found[path]
+            raise CheckpointError(
+                f"{source}: leaf {path} is {got_dtype}{got_shape}, expected "
+                f"{dtype}{shape}"
+            )
+
+
+def _on_default_device(template):
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
+    )
 
 
 def load(path: str | os.PathLike, template) -> Checkpoint:
     """Reads a checkpoint and rebuilds `template`'s pytree from it.
 
     Args:
-        path: a checkpoint file, or a folder (its newest checkpoint is read).
+        path: a checkpoint folder, or a folder of checkpoints (its newest is read).
         template: the expected pytree, e.g. `jax.eval_shape` of the estimator's
             `init`; every leaf's path, shape and dtype is checked against it.
 
@@ -197,28 +362,20 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
         CheckpointError: no checkpoint there, or one that is corrupted, truncated, of
             another format, or of another structure than `template`.
     """
+    import orbax.checkpoint as ocp
+
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not _NAME.match(path.name):
         found = latest(path)
         if found is None:
-            raise CheckpointError(f"no checkpoint (ckpt-*{SUFFIX}) in {str(path)!r}")
+            raise CheckpointError(f"no checkpoint ({PREFIX}_*) in {str(path)!r}")
         path = found
-    elif not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {str(path)!r}")
-    try:
-        header, arrays = read_arrays(path, FORMAT)
-    except OptimizerFileError as err:
-        raise CheckpointError(str(err)) from None
+    elif not path.is_dir() or not _NAME.match(path.name):
+        raise CheckpointError(f"no checkpoint folder ({PREFIX}_*) at {str(path)!r}")
     source = repr(str(path))
-    if header.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source} has checkpoint format version "
-            f"{header.get('format_version')!r}; this es_l2o reads {FORMAT_VERSION}"
-        )
-    iteration, position = header.get("iteration"), header.get("metrics_position")
-    for name, value in (("iteration", iteration), ("metrics_position", position)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(f"{source} has a bad {name}: {value!r}")
+    _check_seal(source, path)
+    record = _restore(path, meta=ocp.args.JsonRestore())["meta"]
+    record = _check_record(source, record)
     expected_impls = {}
 
     def data_template(path_, leaf):
@@ -228,26 +385,50 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
         return leaf
 
     plain = jax.tree_util.tree_map_with_path(data_template, template)
-    if header.get("key_impls") != expected_impls:
+    if record.get("key_impls") != expected_impls:
         raise CheckpointError(
-            f"{source} holds PRNG keys {header.get('key_impls')!r}, expected "
+            f"{source} holds PRNG keys {record.get('key_impls')!r}, expected "
             f"{expected_impls!r}"
         )
-    try:
-        restored = restore_tree(plain, arrays, source=source)
-    except OptimizerFileError as err:
-        raise CheckpointError(str(err)) from None
+    _check_leaves(source, record["leaves"], plain)
+    target = _on_default_device(plain)
+    restored = _restore(path, state=ocp.args.StandardRestore(target))["state"]
+    if _digest(restored) != record.get("sha256"):
+        raise CheckpointError(
+            f"{source} is corrupted: its SHA-256 checksum does not match"
+        )
 
     def rewrap(path_, leaf):
         impl = expected_impls.get(jax.tree_util.keystr(path_))
         return leaf if impl is None else jax.random.wrap_key_data(leaf, impl=impl)
 
     tree = jax.tree_util.tree_map_with_path(rewrap, restored)
-    metadata = header.get("metadata")
+    metadata = record.get("metadata")
     return Checkpoint(
         tree,
-        iteration,
-        position,
+        record["iteration"],
+        record["metrics_position"],
         metadata if isinstance(metadata, dict) else {},
         path,
     )
+
+
+def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """A checkpoint's record and arrays without a template: `(record, {path: array})`.
+
+    For tools and tests; the leaf paths are those of the restored containers (dicts
+    and lists where the run had dataclasses and tuples), and the checksum is not
+    checked (`load` does, against the run's template).
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    _check_seal(repr(str(path)), path)
+    record = _check_record(
+        repr(str(path)), _restore(path, meta=ocp.args.JsonRestore())["meta"]
+    )
+    state = _restore(path, state=ocp.args.StandardRestore())["state"]
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    return record, {
+        jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in flat
+    }

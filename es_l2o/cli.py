@@ -263,15 +263,6 @@ def _plain(value):
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def train_config(argv: list[str]):
     """The config of `es-l2o-train argv`; with `resume=RUN_DIR`, the run's own
     config.yaml with only the keys of `RESUME_MAY_CHANGE` taken from `argv`."""
@@ -352,7 +343,7 @@ def run_train(cfg) -> Path:
     from omegaconf import OmegaConf
 
     from es_l2o import checkpoint as ckpt
-    from es_l2o import export, sharding
+    from es_l2o import export, files, sharding
     from es_l2o.meta import Interrupted, NonFiniteThetaError, ResumeError, meta_train
     from es_l2o.unroll import LOptTraining
 
@@ -411,7 +402,9 @@ def run_train(cfg) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["resume"] = None
-    _write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
+    for folder in (run_dir, checkpoint_dir):  # what killed writes left behind
+        files.remove_temp_files(folder)
+    files.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
     print(f"run directory: {run_dir}", flush=True)
     if resuming:
         print(f"resuming from {newest}", flush=True)
@@ -419,7 +412,7 @@ def run_train(cfg) -> Path:
     key = jax.random.key(int(cfg.seed))
     key_theta, key_meta = jax.random.split(key)
     theta0 = lopt.init(key_theta)
-    checkpoint_path = run_dir / "theta.eslo"
+    checkpoint_path = run_dir / "theta.safetensors"
 
     def on_checkpoint(iteration, state):
         export.save(checkpoint_path, lopt, estimator.theta(state), iteration=iteration)
@@ -480,7 +473,7 @@ def run_train(cfg) -> Path:
         raise _Stopped(str(err), 1) from None
     train_seconds = time.perf_counter() - start
     horizon = system.max_horizon
-    optimizer_path = run_dir / "optimizer.eslo"
+    optimizer_path = run_dir / "optimizer.safetensors"
     export.save(
         optimizer_path,
         lopt,

@@ -474,10 +474,10 @@ def meta_train(
         if metrics_path is not None:
             log = open(metrics_path, "a")  # noqa: SIM115
         if tensorboard_dir is not None:
-            from es_l2o.event_file import EventFileWriter
+            from es_l2o.summaries import ScalarWriter
 
-            board = EventFileWriter(
-                tensorboard_dir, resume_step=start if resume is not None else None
+            board = ScalarWriter(
+                tensorboard_dir, purge_step=start if resume is not None else None
             )
         with _stop_on_signals(catch) as stop:
             done = start

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 from diverging import ExplodingFamily
 
 from es_l2o import checkpoint, export
@@ -71,9 +72,12 @@ def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     lopt = MLPLOpt(hidden_sizes=(4,))
-    path = tmp_path_factory.mktemp("opt") / "opt.eslo"
-    export.save(path, lopt, lopt.init(jax.random.key(0)))
-    return path
+    folder = tmp_path_factory.mktemp("opt")
+    export.save(folder / "opt.safetensors", lopt, lopt.init(jax.random.key(0)))
+    header = {"format": export.FORMAT, "format_version": 1, "architecture": "mlp"}
+    header.update(config=lopt.config(), metadata={})
+    export.write_arrays(folder / "opt.eslo", lopt.init(jax.random.key(0)), header)
+    return folder / "opt.safetensors"
 
 
 def test_an_optimizer_file_of_another_architecture_is_refused(saved):
@@ -95,7 +99,8 @@ class _Payload:
 
 
 def _forge(raw: bytes, **changes) -> bytes:
-    """An es_l2o file with its header changed and a checksum that matches again."""
+    """A file of the earlier es_l2o format (and checkpoint format) with its header
+    changed and a checksum that matches again."""
     (length,) = struct.unpack("<Q", raw[8:16])
     header = json.loads(raw[16 : 16 + length])
     payload = raw[16 + length :]
@@ -107,6 +112,21 @@ def _forge(raw: bytes, **changes) -> bytes:
     return raw[:8] + struct.pack("<Q", len(blob)) + blob + payload
 
 
+def _forge_safetensors(raw: bytes, tensor_fields=None, **entries) -> bytes:
+    """A safetensors optimizer file with metadata `entries` and every tensor's
+    `tensor_fields` changed, and a checksum that matches again."""
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+    header["__metadata__"].update(entries)
+    for name in header:
+        if name != "__metadata__":
+            header[name].update(tensor_fields or {})
+    tensors = safetensors.numpy.load(raw)
+    header["__metadata__"]["sha256"] = export.digest(header["__metadata__"], tensors)
+    blob = json.dumps(header).encode()
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
 def _crafted_files(tmp_path, saved):
     """Files an attacker could hand out, each under a trusted-looking name."""
     marker = tmp_path / "pwned"
@@ -114,17 +134,20 @@ def _crafted_files(tmp_path, saved):
     buffer = io.BytesIO()
     np.save(buffer, np.array([_Payload(str(marker))], dtype=object), allow_pickle=True)
     files["npy_object"] = buffer.getvalue()
-    # well-formed es_l2o files (valid checksums) that ask for unsafe things
+    # well-formed files (valid checksums) that ask for unsafe things, in both formats
+    code_config = {"_target_": "os.system", "hidden_sizes": "__import__('os')"}
     raw = saved.read_bytes()
+    files["object_dtype"] = _forge_safetensors(raw, {"dtype": "O"})
+    files["code_architecture"] = _forge_safetensors(raw, architecture="os.system")
+    files["code_config"] = _forge_safetensors(raw, config=json.dumps(code_config))
+    raw = saved.with_suffix(".eslo").read_bytes()
     (length,) = struct.unpack("<Q", raw[8:16])
     leaves = json.loads(raw[16 : 16 + length])["leaves"]
-    files["object_dtype"] = _forge(
+    files["legacy_object_dtype"] = _forge(
         raw, leaves=[dict(r, dtype="object") for r in leaves]
     )
-    files["code_architecture"] = _forge(raw, architecture="os.system")
-    files["code_config"] = _forge(
-        raw, config={"_target_": "os.system", "hidden_sizes": "__import__('os')"}
-    )
+    files["legacy_code_architecture"] = _forge(raw, architecture="os.system")
+    files["legacy_code_config"] = _forge(raw, config=code_config)
     return marker, files
 
 
@@ -132,34 +155,43 @@ def test_crafted_files_are_refused_and_never_run_code(tmp_path, saved, capsys):
     marker, files = _crafted_files(tmp_path, saved)
     template = {"x": jax.ShapeDtypeStruct((2,), jnp.float32)}
     for name, data in files.items():
-        path = tmp_path / f"{name}.eslo"
+        path = tmp_path / f"{name}.safetensors"
         path.write_bytes(data)
         with pytest.raises(export.OptimizerFileError):
             export.load_theta(path)
         assert eval_main([str(path), "horizon=4"]) == 2, name
         err = capsys.readouterr().err.strip()
         assert err.startswith("es-l2o-eval: error:") and len(err.splitlines()) == 1
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "ckpt-00000001.eslc").write_bytes(data)
-        with pytest.raises(checkpoint.CheckpointError):
-            checkpoint.load(folder, template)
+        folder = tmp_path / name / "ckpt_00000001"
+        (folder / "meta").mkdir(parents=True)  # the crafted bytes as its record
+        (folder / "meta" / "metadata").write_bytes(data)
+        checkpoint._seal(folder)  # a complete-looking checkpoint
+        with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+            checkpoint.load(folder.parent, template)
     assert not marker.exists()
 
 
-def test_forged_checkpoint_headers_are_refused(tmp_path):
+def test_forged_checkpoint_records_are_refused(tmp_path):
     path = checkpoint.save(tmp_path, {"k": jax.random.key(0)}, iteration=1)
-    raw = path.read_bytes()
+    record_path = path / "meta" / "metadata"
+    raw = record_path.read_text()
     template = jax.eval_shape(lambda: {"k": jax.random.key(0)})
     for changes, match in (
         ({"key_impls": {"['k']": "evil"}}, "holds PRNG keys"),
         ({"iteration": -4}, "bad iteration"),
         ({"format_version": 99}, "format version 99"),
+        ({"format": "es_l2o.optimizer"}, "expected 'es_l2o.checkpoint'"),
+        ({"leaves": "k"}, "no list of leaves"),
+        ({"leaves": [["['k']", "uint32", [3]]]}, r"is uint32\[3\], expected"),
     ):
-        path.write_bytes(_forge(raw, **changes))
+        record_path.write_text(json.dumps({**json.loads(raw), **changes}))
+        checkpoint._seal(path)  # as a forger would
         with pytest.raises(checkpoint.CheckpointError, match=match):
             checkpoint.load(path, template)
-    path.write_bytes(raw)
+    record_path.write_text(raw)
+    with pytest.raises(checkpoint.CheckpointError, match="meta/metadata does not"):
+        checkpoint.load(path, template)  # sealed with the last forgery
+    checkpoint._seal(path)
     assert checkpoint.load(path, template).iteration == 1
 
 

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 
-from es_l2o import checkpoint, event_file, export
+from es_l2o import checkpoint, export, files
 from es_l2o.cli import train_main
 from es_l2o.meta import (
     Interrupted,
@@ -28,6 +30,7 @@ from es_l2o.meta import (
     meta_train,
     truncate_lines,
 )
+from es_l2o.summaries import ScalarWriter
 
 # ------------------------------------------------------------------------------------
 # the checkpoint file
@@ -71,13 +74,19 @@ def test_round_trip_keeps_every_leaf_and_typed_keys(tmp_path):
 
 def test_keeps_the_last_k_and_cleans_temporary_files(tmp_path):
     (tmp_path / ".tmp-left-by-a-kill.part").write_bytes(b"partial")
+    cut_short = tmp_path / "ckpt_00000009.orbax-checkpoint-tmp-1234567"
+    (cut_short / "state").mkdir(parents=True)  # as a kill during a save leaves it
+    (tmp_path / "ckpt_00000002" / "state").mkdir(parents=True)  # renamed, unsealed
+    assert checkpoint.checkpoints(tmp_path) == []
     for i in range(1, 6):
         checkpoint.save(tmp_path, {"x": jnp.float32(i)}, iteration=i, keep=2)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
-        "ckpt-00000004.eslc",
-        "ckpt-00000005.eslc",
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_00000004",
+        "ckpt_00000005",
     ]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert checkpoint.checkpoints(tmp_path) == [
+        checkpoint.checkpoint_path(tmp_path, i) for i in (4, 5)
+    ]
     loaded = checkpoint.load(tmp_path, {"x": jax.ShapeDtypeStruct((), jnp.float32)})
     assert loaded.iteration == 5 and float(loaded.tree["x"]) == 5.0
 
@@ -97,24 +106,59 @@ def test_a_checkpoint_of_another_structure_is_refused(tmp_path, template, match)
         checkpoint.load(tmp_path, template)
 
 
-def test_missing_and_damaged_checkpoints_are_refused(tmp_path):
+def _data_files(path):
+    return [f for f in sorted(Path(path).rglob("*")) if f.parent.name == "d"]
+
+
+def _record(path):
+    return Path(path) / "meta" / "metadata"
+
+
+@pytest.mark.parametrize(
+    "damage", ["flip", "cut", "record", "checksum", "gone", "unsealed"]
+)
+def test_missing_and_damaged_checkpoints_are_refused(tmp_path, damage):
     template = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
         checkpoint.load(tmp_path, template)
     path = checkpoint.save(tmp_path, {"x": jnp.arange(4.0)}, iteration=3)
-    raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    with pytest.raises(checkpoint.CheckpointError, match="corrupted"):
-        checkpoint.load(path, template)
-    path.write_bytes(bytes(raw[:-8]))
-    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
-        checkpoint.load(path, template)
-    export.save(tmp_path / "opt.eslo", export.LOPTS["mlp"](), {"not": jnp.zeros(1)})
+    assert _data_files(path)
+    for f in _data_files(path):
+        raw = f.read_bytes()
+        if damage == "flip":
+            f.write_bytes(raw[:-3] + bytes([raw[-3] ^ 0xFF]) + raw[-2:])
+        elif damage == "cut":
+            f.write_bytes(raw[: len(raw) // 2])
+    if damage == "record":
+        _record(path).write_text(_record(path).read_text()[:-9])
+    elif damage == "checksum":
+        record = json.loads(_record(path).read_text())
+        _record(path).write_text(json.dumps({**record, "sha256": "0" * 64}))
+        checkpoint._seal(path)  # as a forger would: the arrays' checksum must catch it
+    elif damage == "gone":
+        shutil.rmtree(path / "state")
+    elif damage == "unsealed":
+        (path / checkpoint.SEAL).unlink()
+        assert checkpoint.latest(tmp_path) is None
     with pytest.raises(
-        checkpoint.CheckpointError, match="expected 'es_l2o.checkpoint'"
-    ):
-        checkpoint.load(tmp_path / "opt.eslo", template)
+        checkpoint.CheckpointError, match="damaged|corrupted|incomplete"
+    ) as err:
+        checkpoint.load(path, template)
+    assert len(str(err.value).splitlines()) == 1 and str(path) in str(err.value)
+    if damage == "checksum":
+        assert "checksum does not match" in str(err.value)
+
+
+def test_files_that_are_not_checkpoints_are_refused(tmp_path):
+    template = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    other = tmp_path / "opt.eslo"
+    export.write_arrays(other, {"not": jnp.zeros(1)}, {"format": export.FORMAT})
+    (tmp_path / "ckpt_00000001").write_bytes(other.read_bytes())
+    for path in (other, tmp_path / "ckpt_00000001"):
+        with pytest.raises(checkpoint.CheckpointError, match="no checkpoint folder"):
+            checkpoint.load(path, template)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        checkpoint.load(tmp_path, template)
 
 
 def test_truncate_lines_cuts_after_the_checkpoint_position(tmp_path):
@@ -226,7 +270,9 @@ def test_a_signal_finishes_the_iteration_checkpoints_and_resume_is_exact(
         _train(tmp_path, _Walk(on_step=send))
     assert signal.getsignal(signum) is previous  # handlers restored
     assert stopped.value.iteration == 3 and stopped.value.signum == signum
-    assert stopped.value.checkpoint == tmp_path / "checkpoints" / "ckpt-00000003.eslc"
+    assert stopped.value.checkpoint == checkpoint.checkpoint_path(
+        tmp_path / "checkpoints", 3
+    )
     assert len(_records(tmp_path / "metrics.jsonl")) == 3
     # a line written after the checkpoint (as by a kill) is dropped on resume
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -298,7 +344,7 @@ def test_a_non_finite_theta_stops_the_run_before_it_is_saved(tmp_path):
     with pytest.raises(NonFiniteThetaError, match="non-finite at iteration 4"):
         _train(tmp_path, _Walk(break_at=5), validate=None)
     for path in checkpoint.checkpoints(tmp_path / "checkpoints"):
-        header, arrays = export.read_arrays(path, checkpoint.FORMAT)
+        header, arrays = checkpoint.arrays(path)
         assert header["iteration"] <= 4
         assert all(
             np.all(np.isfinite(a)) for a in arrays.values() if a.dtype.kind == "f"
@@ -310,74 +356,34 @@ def test_a_non_finite_theta_stops_the_run_before_it_is_saved(tmp_path):
 
 
 def _read_events(path):
-    """Decodes an event file: [(step, {tag: value}, session_start, file_version)]."""
+    """An event file's [(step, {tag: value}, session_start, file_version)]: TFRecord
+    framing checked with tensorboardX's CRC, events parsed by its protobuf classes."""
     data, at, events = Path(path).read_bytes(), 0, []
     while at < len(data):
-        (length,) = struct.unpack_from("<Q", data, at)
+        header = data[at : at + 8]
+        (length,) = struct.unpack("<Q", header)
         (length_crc,) = struct.unpack_from("<I", data, at + 8)
-        assert length_crc == event_file.masked_crc32c(data[at : at + 8])
         body = data[at + 12 : at + 12 + length]
         (body_crc,) = struct.unpack_from("<I", data, at + 12 + length)
-        assert body_crc == event_file.masked_crc32c(body)
-        events.append(_decode_event(body))
+        assert (length_crc, body_crc) == (masked_crc32c(header), masked_crc32c(body))
+        event = event_pb2.Event.FromString(body)
+        events.append(
+            (
+                event.step,
+                {v.tag: v.simple_value for v in event.summary.value},
+                event.session_log.status == event_pb2.SessionLog.START,
+                event.file_version or None,
+            )
+        )
         at += 16 + length
     return events
 
 
-def _varint(buf, i):
-    value = shift = 0
-    while True:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not byte & 0x80:
-            return value, i
-
-
-def _fields(buf):
-    i, out = 0, []
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        else:
-            size, i = _varint(buf, i)
-            value, i = buf[i : i + size], i + size
-        out.append((number, value))
-    return out
-
-
-def _decode_event(body):
-    step, scalars, start, version = None, {}, False, None
-    for number, value in _fields(body):
-        if number == 2:
-            step = value
-        elif number == 3:
-            version = value.decode()
-        elif number == 5:
-            for _, item in _fields(value):
-                item = dict(_fields(item))
-                scalars[item[1].decode()] = struct.unpack("<f", item[2])[0]
-        elif number == 7:
-            start = dict(_fields(value)) == {1: 1}
-    return step, scalars, start, version
-
-
-def test_crc32c_matches_the_standard_check_value():
-    assert event_file.crc32c(b"123456789") == 0xE3069283
-    assert event_file.crc32c(b"") == 0
-
-
 def test_event_files_decode_and_a_resumed_writer_marks_its_restart(tmp_path):
-    with event_file.EventFileWriter(tmp_path) as writer:
+    with ScalarWriter(tmp_path) as writer:
         writer.scalars(0, {"meta_loss": 2.5, "theta_finite": 1, "note": "skipped"})
         writer.scalars(1, {"meta_loss": float("nan")})
-    with event_file.EventFileWriter(tmp_path / "b", resume_step=7) as writer:
+    with ScalarWriter(tmp_path / "b", purge_step=7) as writer:
         writer.scalars(7, {"meta_loss": -1.0})
     first = _read_events(next(tmp_path.glob("events.out.tfevents.*")))
     assert first[0][3] == "brain.Event:2"
@@ -388,6 +394,23 @@ def test_event_files_decode_and_a_resumed_writer_marks_its_restart(tmp_path):
         (7, {}, True),
         (7, {"meta_loss": -1.0}, False),
     ]
+
+
+def test_events_flushed_before_a_kill_are_in_the_file(tmp_path):
+    script = (
+        "import os, signal, sys\n"
+        "from es_l2o.summaries import ScalarWriter\n"
+        "writer = ScalarWriter(sys.argv[1])\n"
+        "for step in range(20):\n"
+        "    writer.scalars(step, {f'tag{i}': step for i in range(8)})\n"
+        "    writer.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    events = _read_events(next(tmp_path.glob("events.out.tfevents.*")))
+    assert [e[0] for e in events[1:]] == list(range(20))
+    assert all(len(e[1]) == 8 for e in events[1:])
 
 
 # ------------------------------------------------------------------------------------
@@ -489,7 +512,7 @@ def runs(tmp_path_factory):
 
 def _final_state(run_dir):
     path = checkpoint.latest(Path(run_dir) / "checkpoints")
-    header, arrays = export.read_arrays(path, checkpoint.FORMAT)
+    header, arrays = checkpoint.arrays(path)
     return header["iteration"], arrays
 
 
@@ -499,8 +522,8 @@ def _assert_same_run(run_dir, ref_dir):
     assert sorted(arrays) == sorted(ref_arrays)
     for name, array in arrays.items():  # the whole state, RNG keys included
         assert np.array_equal(array, ref_arrays[name]), name
-    _, theta, _ = export.load_theta(run_dir / "optimizer.eslo")
-    _, ref_theta, _ = export.load_theta(ref_dir / "optimizer.eslo")
+    _, theta, _ = export.load_theta(run_dir / "optimizer.safetensors")
+    _, ref_theta, _ = export.load_theta(ref_dir / "optimizer.safetensors")
     for a, b in zip(jax.tree.leaves(theta), jax.tree.leaves(ref_theta), strict=True):
         assert np.array_equal(a, b)
     assert _records(run_dir / "metrics.jsonl") == _records(ref_dir / "metrics.jsonl")
@@ -514,6 +537,7 @@ def test_sigkill_then_resume_ends_bitwise_where_an_uninterrupted_run_ends(runs):
     assert runs["kill_lines"] >= runs["kill_at"]
     assert runs["kill_resume"][0] == 0, runs["kill_resume"][1][-2000:]
     assert len(checkpoint.checkpoints(root / "kill" / "checkpoints")) == 2  # keep=2
+    assert not files.temp_files(root / "kill")  # nor one a killed write left
     _assert_same_run(root / "kill", root / "ref")
 
 
@@ -528,7 +552,7 @@ def test_sigterm_and_sigint_checkpoint_and_print_how_to_resume(runs, name, signu
     at = runs[f"{name}_at"]
     assert 1 <= at < N
     assert runs[f"{name}_lines"] == at  # stopped cleanly after the checkpoint
-    assert not (run_dir / "optimizer.eslo").exists()
+    assert not (run_dir / "optimizer.safetensors").exists()
 
 
 def test_tensorboard_events_of_a_killed_and_resumed_run(runs):
@@ -578,13 +602,12 @@ def test_resume_with_another_config_is_refused(runs, tmp_path, capsys):
 def test_resume_from_a_corrupted_checkpoint_is_refused(runs, tmp_path, capsys):
     run_dir = _copy(runs, "kill", tmp_path)
     older, newest = checkpoint.checkpoints(run_dir / "checkpoints")
-    raw = bytearray(newest.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    newest.write_bytes(bytes(raw))
+    record = json.loads(_record(newest).read_text())
+    _record(newest).write_text(json.dumps({**record, "sha256": "0" * 64}))
     err = _refused([f"resume={run_dir}"], capsys)
     assert "corrupted" in err and newest.name in err
     assert f"previous checkpoint {older.name}" in err
-    newest.unlink()
+    shutil.rmtree(newest)
     shutil.rmtree(run_dir / "checkpoints")
     err = _refused([f"resume={run_dir}"], capsys)
     assert "no checkpoint in" in err

@@ -1,12 +1,13 @@
 """The command line: a tiny end-to-end run; one clear line (exit 2) per bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from es_l2o import export
+from es_l2o import export, files
 from es_l2o.cli import eval_main, train_main
 
 TINY = [
@@ -32,8 +33,8 @@ def test_tiny_run_writes_the_run_directory(tiny_run, capsys):
     assert {
         "config.yaml",
         "metrics.jsonl",
-        "theta.eslo",
-        "optimizer.eslo",
+        "theta.safetensors",
+        "optimizer.safetensors",
         "summary.json",
     } <= names
     lines = [
@@ -47,15 +48,36 @@ def test_tiny_run_writes_the_run_directory(tiny_run, capsys):
     assert {"train_loss", "val_loss", "val_accuracy", "param_norm"} <= set(
         summary["rows"]["learned"]
     )
-    lopt, _, metadata = export.load_theta(tiny_run / "optimizer.eslo")
+    lopt, _, metadata = export.load_theta(tiny_run / "optimizer.safetensors")
     assert lopt.hidden_sizes == (4,) and metadata["horizon"] == 4
     assert "population_size: 4" in (tiny_run / "config.yaml").read_text()
+
+
+def test_a_resumed_run_removes_the_temporary_files_of_killed_writes(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    left = [  # as kills during these writes leave them
+        run_dir / ".theta.safetensors.tmp-k1ll3d.part",
+        run_dir / ".config.yaml.tmp-k1ll3d.part",
+        run_dir / ".tmp-k1ll3d.part",  # by the earlier writer
+        run_dir / "checkpoints" / ".tmp-k1ll3d.part",
+    ]
+    for path in left:
+        path.write_bytes(b"partial")
+    cut_short = run_dir / "checkpoints" / "ckpt_00000003.orbax-checkpoint-tmp-99"
+    (cut_short / "state").mkdir(parents=True)
+    assert files.temp_files(run_dir) == sorted(left[:3])
+    assert train_main([f"resume={run_dir}", "num_iterations=3"]) == 0
+    assert not [p for p in [*left, cut_short] if p.exists()]
+    assert not files.temp_files(run_dir) + files.temp_files(run_dir / "checkpoints")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [0, 1, 2]
 
 
 def test_eval_reads_a_saved_optimizer(tiny_run, tmp_path):
     code = eval_main(
         [
-            str(tiny_run / "optimizer.eslo"),
+            str(tiny_run / "optimizer.safetensors"),
             "horizon=4",
             "evaluation.num_tasks=2",
             "evaluation.learning_rates=[1e-3]",
@@ -86,13 +108,13 @@ def test_train_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):
 
 
 def test_eval_bad_files_are_one_clear_line(tiny_run, tmp_path, capsys):
-    assert eval_main([str(tmp_path / "missing.eslo")]) == 2
+    assert eval_main([str(tmp_path / "missing.safetensors")]) == 2
     assert "no optimizer file at" in capsys.readouterr().err
-    broken = tmp_path / "broken.eslo"
-    broken.write_bytes((tiny_run / "optimizer.eslo").read_bytes()[:-20])
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes((tiny_run / "optimizer.safetensors").read_bytes()[:-20])
     assert eval_main([str(broken)]) == 2
     assert "truncated" in capsys.readouterr().err
-    assert eval_main([str(tiny_run / "optimizer.eslo"), "horizon=0"]) == 2
+    assert eval_main([str(tiny_run / "optimizer.safetensors"), "horizon=0"]) == 2
     assert "horizon must be a positive integer, got 0" in capsys.readouterr().err
 
 

@@ -170,7 +170,7 @@ def test_eval_main_suite(monkeypatch, tmp_path, capsys):
     from es_l2o.lopt import MLPLOpt
 
     lopt = MLPLOpt(hidden_sizes=(4,))
-    path = tmp_path / "opt.eslo"
+    path = tmp_path / "opt.safetensors"
     export.save(path, lopt, lopt.init(jax.random.key(0)))
     monkeypatch.setitem(suites.SUITES, "tiny", _tiny_suite()[:1])
     out = tmp_path / "report"

@@ -21,12 +21,14 @@ def test_readme_example_trains_digits_with_a_loaded_optimizer(tmp_path):
     # so the example must actually lower the loss
     theta["skip"]["w"] = theta["skip"]["w"].at[9, 0].set(-3.0)  # m(0.9) / sqrt(v)
     theta["output"]["w"] = theta["output"]["w"] * 0
-    path = tmp_path / "optimizer.eslo"
+    path = tmp_path / "optimizer.safetensors"
     export.save(path, lopt, theta)
     namespace = {}
     exec(
         compile(
-            example.replace("runs/RUN/optimizer.eslo", str(path)), "README", "exec"
+            example.replace("runs/RUN/optimizer.safetensors", str(path)),
+            "README",
+            "exec",
         ),
         namespace,
     )
