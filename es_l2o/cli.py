@@ -83,10 +83,10 @@ def _horizon(value):
     return list(value) if isinstance(value, ListConfig | list | tuple) else value
 
 
-def _compare(family, optimizer, num_steps: int, evaluation, out_dir: Path) -> dict:
+def _compare_with_adam(family, optimizer, num_steps: int, evaluation) -> dict:
     from es_l2o import evaluate
 
-    result = evaluate.compare_with_adam(
+    return evaluate.compare_with_adam(
         family,
         optimizer,
         num_steps,
@@ -95,6 +95,12 @@ def _compare(family, optimizer, num_steps: int, evaluation, out_dir: Path) -> di
         learning_rates=list(evaluation.learning_rates),
         reference_learning_rate=float(evaluation.reference_learning_rate),
     )
+
+
+def _compare(family, optimizer, num_steps: int, evaluation, out_dir: Path) -> dict:
+    from es_l2o import evaluate
+
+    result = _compare_with_adam(family, optimizer, num_steps, evaluation)
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     print(evaluate.format_table(result))
     return result
@@ -199,15 +205,7 @@ def _compare_families(mixture, optimizer, num_steps, evaluation, out_dir) -> dic
 
     results = {}
     for index, family in enumerate(mixture.families):
-        result = evaluate.compare_with_adam(
-            family,
-            optimizer,
-            num_steps,
-            num_tasks=int(evaluation.num_tasks),
-            seed=int(evaluation.seed),
-            learning_rates=list(evaluation.learning_rates),
-            reference_learning_rate=float(evaluation.reference_learning_rate),
-        )
+        result = _compare_with_adam(family, optimizer, num_steps, evaluation)
         name = family.name if family.name not in results else f"{family.name}#{index}"
         results[name] = result
         print(f"family {name}:")
