@@ -17,14 +17,27 @@ TREE = {
 
 def test_layout_flattens_in_leaf_order_and_round_trips():
     layout = F.TensorLayout.of(TREE)
-    flat = layout.flatten(TREE)
+    (flat,) = layout.split(TREE)
     # leaves sorted by key: b, s, w
     np.testing.assert_array_equal(flat, [1.0, -2.0, 5.0, 3.0, 4.0, 0.0])
     assert layout.sizes == (2, 1, 3)
-    back = layout.unflatten(flat)
+    back = layout.merge([flat])
     for key in TREE:
         np.testing.assert_array_equal(back[key], TREE[key])
         assert back[key].shape == TREE[key].shape
+
+
+def test_large_leaves_are_parts_of_their_own():
+    big = jnp.arange(300.0 * 300.0).reshape(300, 300)
+    tree = {"a": jnp.ones(2), "big": big, "c": jnp.full((2, 2), 3.0)}
+    layout = F.TensorLayout.of(tree)
+    parts = layout.split(tree)
+    assert layout.part_shapes == ((6,), (300, 300))
+    assert [p.shape for p in parts] == [(6,), (300, 300)]
+    assert [z.shape for z in layout.zeros(tree, (4,))] == [(6, 4), (300, 300, 4)]
+    back = layout.merge(parts)
+    for key in tree:
+        np.testing.assert_array_equal(back[key], tree[key])
 
 
 def test_layout_works_on_abstract_shapes_and_empty_trees():
@@ -32,7 +45,7 @@ def test_layout_works_on_abstract_shapes_and_empty_trees():
     layout = F.TensorLayout.of(abstract)
     assert layout.total_size == 6 and layout.dtypes[0] == jnp.bfloat16
     empty = F.TensorLayout.of({})
-    assert empty.total_size == 0 and empty.flatten({}).shape == (0,)
+    assert empty.total_size == 0 and [p.shape for p in empty.split({})] == [(0,)]
 
 
 def test_progress_and_timescale_features():

@@ -36,7 +36,8 @@ GRADIENT_CLIP = 1000.0
 
 @dataclasses.dataclass(frozen=True)
 class TensorLayout:
-    """Static map between a pytree of tensors and one flat float32 vector.
+    """Static map between a pytree of tensors and its coordinatewise parts: the
+    small tensors as one flat float32 vector, each large tensor in its own shape.
 
     Built from shapes only, so it works on abstract inputs (`jax.ShapeDtypeStruct`).
     """
@@ -65,13 +66,6 @@ class TensorLayout:
         """Number of parameters."""
         return sum(self.sizes)
 
-    def flatten(self, tree) -> jax.Array:
-        """All leaves as one float32 vector (a single concatenate)."""
-        leaves = jax.tree_util.tree_leaves(tree)
-        if not leaves:
-            return jnp.zeros((0,), jnp.float32)
-        return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
-
     @property
     def large(self) -> tuple[int, ...]:
         """Leaves above `BUCKET_MAX_ENTRIES` entries: parts of their own."""
@@ -85,14 +79,15 @@ class TensorLayout:
             >>> TensorLayout.of([jnp.ones(3), jnp.ones((300, 300))]).part_shapes
             ((3,), (300, 300))
         """
-        small = sum(n for i, n in enumerate(self.sizes) if i not in self.large)
-        return ((small,), *(self.shapes[i] for i in self.large))
+        large = self.large
+        small = sum(n for i, n in enumerate(self.sizes) if i not in large)
+        return ((small,), *(self.shapes[i] for i in large))
 
     def zeros(self, tree, inner: tuple[int, ...] = ()) -> list[jax.Array]:
         """Float32 zeros `(*part_shape, *inner)` per part; a large leaf's are built
         from the leaf, so that its sharding carries over to its state."""
-        leaves = jax.tree_util.tree_leaves(tree)
-        out = [jnp.zeros((*self.part_shapes[0], *inner), jnp.float32)]
+        leaves, (flat_shape, *_) = jax.tree_util.tree_leaves(tree), self.part_shapes
+        out = [jnp.zeros((*flat_shape, *inner), jnp.float32)]
         for i in self.large:
             base = jnp.zeros_like(leaves[i], jnp.float32)
             out.append(
@@ -106,14 +101,14 @@ class TensorLayout:
         """The leaves as float32 parts: the small ones as one flat vector (a single
         concatenate; empty when there are none), then each large leaf in its own
         shape, read in place (its sharding kept)."""
-        leaves, large = jax.tree_util.tree_leaves(tree), self.large
+        leaves, large = jax.tree_util.tree_leaves(tree), set(self.large)
         small = [
             jnp.ravel(x).astype(jnp.float32)
             for i, x in enumerate(leaves)
             if i not in large
         ]
         flat = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
-        return [flat, *(leaves[i].astype(jnp.float32) for i in large)]
+        return [flat, *(leaves[i].astype(jnp.float32) for i in self.large)]
 
     def merge(self, parts: Sequence[jax.Array], dtypes: Sequence[Any] | None = None):
         """Inverse of `split`; leaves are cast to `dtypes` (default: the layout's)."""
@@ -127,18 +122,6 @@ class TensorLayout:
                 leaf = parts[0][start : start + size].reshape(shape)
                 start += size
             leaves.append(leaf.astype(dtypes[i]))
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
-
-    def unflatten(self, flat: jax.Array, dtypes: Sequence[Any] | None = None):
-        """Inverse of `flatten`; leaves are cast to `dtypes` (default: the layout's)."""
-        dtypes = self.dtypes if dtypes is None else dtypes
-        offsets = np.cumsum((0, *self.sizes))
-        leaves = [
-            flat[a:b].reshape(shape).astype(dtype)
-            for a, b, shape, dtype in zip(
-                offsets[:-1], offsets[1:], self.shapes, dtypes, strict=True
-            )
-        ]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
