@@ -169,6 +169,8 @@ def _mixture_estimator(cfg, make_estimator, systems, mixture):
             "divided by its first loss; loss scales differ across families)",
             flush=True,
         )
+    if keywords.get("meta_loss") == "validation":
+        make_estimator = _validation_where_possible(make_estimator)
     estimator = MultiFamilyES.build(
         make_estimator,
         systems,
@@ -180,6 +182,18 @@ def _mixture_estimator(cfg, make_estimator, systems, mixture):
     sizes = dict(zip(estimator.names, estimator.population_sizes, strict=True))
     print(f"population=mix: particles per family {sizes}", flush=True)
     return estimator
+
+
+def _validation_where_possible(make_estimator):
+    """`make_estimator` with meta_loss="heldout" for families without a validation
+    split (the loss after each update on a fresh batch), "validation" elsewhere."""
+
+    def make(system, **kwargs):
+        if not system.has_validation:
+            kwargs["meta_loss"] = "heldout"
+        return make_estimator(system=system, **kwargs)
+
+    return make
 
 
 def _mixture_validation(systems, weights, settings, theta0):
@@ -311,6 +325,27 @@ def train_config(argv: list[str]):
     return saved
 
 
+def _initial_theta(cfg, lopt, key):
+    """`lopt.init(key)`, or the theta of the optimizer file `init_theta` (the
+    previous stage of a staged meta-training), which must hold the same optimizer."""
+    from es_l2o import export
+
+    path = cfg.get("init_theta")
+    if path in (None, ""):
+        return lopt.init(key)
+    try:
+        saved, theta, _ = export.load_theta(Path(str(path)).expanduser())
+    except (OSError, export.OptimizerFileError) as err:
+        raise UsageError(f"init_theta={path}: {err}") from None
+    if saved.name != lopt.name or saved.config() != lopt.config():
+        raise UsageError(
+            f"init_theta={path} holds a {saved.name!r} optimizer with config "
+            f"{saved.config()}; this run's lopt is {lopt.name!r} with "
+            f"{lopt.config()}: give the same lopt settings"
+        )
+    return theta
+
+
 def _mesh_kwargs(cfg, make_estimator) -> dict:
     """`mesh=` over the configured devices, for estimators that take one."""
     import inspect
@@ -409,7 +444,7 @@ def run_train(cfg) -> Path:
 
     key = jax.random.key(int(cfg.seed))
     key_theta, key_meta = jax.random.split(key)
-    theta0 = lopt.init(key_theta)
+    theta0 = _initial_theta(cfg, lopt, key_theta)
     checkpoint_path = run_dir / "theta.safetensors"
 
     def on_checkpoint(iteration, state):

@@ -29,7 +29,7 @@ import dataclasses
 import importlib
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from es_l2o.tasks import TaskFamily
@@ -255,8 +255,67 @@ LARGE = [
     ),
 ]
 
+_H_1000 = 1000
+LONG = [
+    # structures of both meta-training mixtures, 1,000 steps
+    _entry("quadratic_ill_10d_1000", "quadratic_ill", _H_1000, "ood", **_QUAD_ILL),
+    _entry("rosenbrock_2d_1000", "test_function", _H_1000, "ood", **_ROSENBROCK),
+    _entry("digits_softmax_1000", "digits_softmax", _H_1000, "ood", **_SOFTMAX),
+    _entry("digits_mlp_32_1000", "digits_mlp", _H_1000, "ood", **_MLP),
+    _entry("char_rnn_32_1000", "char_rnn", _H_1000, "ood", **_RNN),
+    # structures of neither
+    _entry(
+        "digits_mlp_wide_deep_1000",
+        "digits_mlp",
+        _H_1000,
+        "ood",
+        hidden_sizes=(128, 128),
+        activation="relu",
+        batch_size=32,
+    ),
+    _entry(
+        "digits_autoencoder_1000",
+        "digits_autoencoder",
+        _H_1000,
+        "ood",
+        hidden_sizes=(32,),
+        bottleneck=8,
+        batch_size=32,
+    ),
+    _entry(
+        "ackley_10d_1000", "test_function", _H_1000, "ood", function="ackley", dim=10
+    ),
+]
+
 #: suite name -> entries
-SUITES: dict[str, list[SuiteEntry]] = {"default": DEFAULT, "large": LARGE}
+SUITES: dict[str, list[SuiteEntry]] = {"default": DEFAULT, "large": LARGE, "long": LONG}
+
+
+def relabel(
+    entries: Sequence[SuiteEntry],
+    families: Sequence[Mapping[str, Any]],
+    max_horizon: int,
+) -> list[SuiteEntry]:
+    """The entries with their split set for an optimizer meta-trained on
+    `families` (Hydra-style family configs, as in a population config's
+    `families`) at horizons up to `max_horizon`: "iid" where the structure is one of
+    them and the horizon is no longer, "ood" elsewhere.
+
+    Example:
+        >>> node = {"_target_": "populations.quadratic.QuadraticFamily", "dim": 10}
+        >>> [e.split for e in relabel(get_suite("default")[:2], [node], 100)]
+        ['iid', 'ood']
+    """
+    trained = {config_structure(node) for node in families}
+    return [
+        dataclasses.replace(
+            entry,
+            split="iid"
+            if entry_structure(entry) in trained and entry.horizon <= max_horizon
+            else "ood",
+        )
+        for entry in entries
+    ]
 
 
 def get_suite(name: str) -> list[SuiteEntry]:

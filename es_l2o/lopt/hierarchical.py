@@ -58,6 +58,8 @@ class HierarchicalState(NamedTuple):
     shape (num_momenta + 1, num_tensors): EMAs are linear, so these are EMAs of the
     per-tensor mean gradient and squared gradient, with no pass over the parameters.
     lstm_h, lstm_c: the per-tensor LSTM state, shape (num_tensors, lstm_size).
+    initial_rms: each tensor's parameter RMS at the first update, shape
+    (num_tensors,): the step's scale with `step_scale="initial"`.
     """
 
     count: jax.Array
@@ -68,6 +70,10 @@ class HierarchicalState(NamedTuple):
     tensor_means: jax.Array
     lstm_h: jax.Array
     lstm_c: jax.Array
+    initial_rms: jax.Array
+
+
+STEP_SCALES = ("param", "initial")
 
 
 class ParamFeatures(NamedTuple):
@@ -130,6 +136,10 @@ class HierarchicalLOpt(LearnedOptimizer):
         step_mult: beta, the base step relative to the parameter scale.
         param_scale_floor: floor on `rms(p)` so that zero-initialised tensors move.
         bank_noise: spread of the bank members around their shared initialisation.
+        step_scale: what `rms(p)` in the step is: "param", the tensor's current
+            RMS (a relative step: a tensor that keeps moving outwards grows
+            geometrically), or "initial", its RMS at the first update (steps of a
+            fixed size per tensor, as Adam's: growth at most linear in the steps).
 
     The initial `theta` behaves like momentum normalised by the root second moment
     (an Adam-like direction) with noise, so that meta-training starts from an
@@ -161,6 +171,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         step_mult: float = 0.01,
         param_scale_floor: float = 0.01,
         bank_noise: float = 0.1,
+        step_scale: str = "param",
     ):
         for what, value in (
             ("lstm_size", lstm_size),
@@ -194,6 +205,11 @@ class HierarchicalLOpt(LearnedOptimizer):
         self.step_mult = float(step_mult)
         self.param_scale_floor = float(param_scale_floor)
         self.bank_noise = float(bank_noise)
+        if step_scale not in STEP_SCALES:
+            raise ValueError(
+                f"step_scale must be one of {STEP_SCALES}, got {step_scale!r}"
+            )
+        self.step_scale = step_scale
         fmas = F.mlp_multiply_adds(self._mlp_sizes)
         if fmas > F.FUSED_MAX_MULTIPLY_ADDS:
             raise ValueError(
@@ -215,6 +231,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             "step_mult": self.step_mult,
             "param_scale_floor": self.param_scale_floor,
             "bank_noise": self.bank_noise,
+            "step_scale": self.step_scale,
         }
 
     # -- sizes ---------------------------------------------------------------------
@@ -575,6 +592,7 @@ class HierarchicalLOpt(LearnedOptimizer):
                 tensor_means=jnp.zeros((nm + 1, t), jnp.float32),
                 lstm_h=jnp.broadcast_to(theta["lstm_init"]["h"], (t, self.lstm_size)),
                 lstm_c=jnp.broadcast_to(theta["lstm_init"]["c"], (t, self.lstm_size)),
+                initial_rms=jnp.zeros((t,), jnp.float32),
             )
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
@@ -601,7 +619,12 @@ class HierarchicalLOpt(LearnedOptimizer):
             weights, lr_mult, lstm_h, lstm_c = self.tensor_network(
                 theta, inputs, state.lstm_h, state.lstm_c
             )
-            scale_p = jnp.maximum(jnp.sqrt(sums["p2"]), self.param_scale_floor)
+            rms_p = jnp.sqrt(sums["p2"])
+            initial_rms = jnp.where(state.count == 0, rms_p, state.initial_rms)
+            scale_p = jnp.maximum(rms_p, self.param_scale_floor)
+            step_p = scale_p
+            if self.step_scale == "initial":
+                step_p = jnp.maximum(initial_rms, self.param_scale_floor)
             scales = {
                 "inv_rms_g": jax.lax.rsqrt(sums["g2"] + 1e-30),
                 "inv_scale_p": 1.0 / scale_p,
@@ -609,7 +632,7 @@ class HierarchicalLOpt(LearnedOptimizer):
                 "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
                 "rms_sv": jnp.sqrt(sums["v"]),
                 "eps_v": 1e-8 * sums["v"] + 1e-30,
-                "step": lr_mult * self.step_mult * scale_p,
+                "step": lr_mult * self.step_mult * step_p,
             }
 
             # the per-parameter network: one fused pass per group of equal shapes
@@ -638,6 +661,7 @@ class HierarchicalLOpt(LearnedOptimizer):
                 tensor_means=tensor_means,
                 lstm_h=lstm_h,
                 lstm_c=lstm_c,
+                initial_rms=initial_rms,
             )
             return jax.tree_util.tree_unflatten(treedef, steps), new_state
 
