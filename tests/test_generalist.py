@@ -38,9 +38,64 @@ def test_initial_step_scale_does_not_grow_with_the_parameters():
         assert low < ratio < high, (step_scale, ratio)
 
 
+def _first_step(lopt, theta, num_steps=100):
+    opt = lopt.transform(theta, num_steps=num_steps)
+    params = {"w": jax.random.normal(jax.random.key(1), (8, 8)), "b": jnp.zeros(5)}
+    grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
+    step, _ = opt.update(grads, opt.init(params), params, value=jnp.array(1.0))
+    return step
+
+
+def test_normalized_update_size_is_set_by_the_tensor_network_alone():
+    """Rescaling the per-parameter MLP's bank changes the raw update, not the
+    normalised one, whose RMS is step_mult x scale (lr_mult ~1 at init)."""
+    for normalize in (False, True):
+        lopt = HierarchicalLOpt(**SMALL, normalize_update=normalize, step_mult=0.1)
+        theta = lopt.init(jax.random.key(0))
+        bigger = dict(theta, bank=jax.tree.map(lambda w: 1.5 * w, theta["bank"]))
+        a, b = _first_step(lopt, theta), _first_step(lopt, bigger)
+        ratio = float(jnp.linalg.norm(b["w"]) / jnp.linalg.norm(a["w"]))
+        if normalize:
+            assert abs(ratio - 1.0) < 1e-4, ratio
+            rms = float(jnp.sqrt(jnp.mean(a["w"] ** 2)))
+            scale = float(
+                jnp.sqrt(jnp.mean(jax.random.normal(jax.random.key(1), (8, 8)) ** 2))
+            )
+            assert 0.5 < rms / (0.1 * scale) < 2.0, rms
+        else:
+            assert ratio > 1.5, ratio
+
+
+def test_mean_square_ignores_padding():
+    from es_l2o.lopt.hierarchical import _mean_square
+
+    x = jnp.full((1, 4, 4), 7.0).at[:, :2, :3].set(1.0)  # true extent (1, 2, 3)
+    assert float(_mean_square(x, jnp.array([1.0, 2.0, 3.0]))) == pytest.approx(1.0)
+
+
+def test_cosine_schedule_shrinks_the_last_steps_tenfold():
+    lopt = HierarchicalLOpt(**SMALL, schedule="cosine", step_scale="initial")
+    const = HierarchicalLOpt(**SMALL, step_scale="initial")
+    theta = lopt.init(jax.random.key(0))
+    opt, ref = lopt.transform(theta, 10), const.transform(theta, 10)
+    params = {"w": jax.random.normal(jax.random.key(1), (6, 6))}
+    grads = {"w": jnp.ones((6, 6))}
+    s1, s2 = opt.init(params), ref.init(params)
+    ratios = []
+    for _ in range(10):
+        a, s1 = opt.update(grads, s1, params, value=jnp.array(1.0))
+        b, s2 = ref.update(grads, s2, params, value=jnp.array(1.0))
+        ratios.append(float(jnp.linalg.norm(a["w"]) / jnp.linalg.norm(b["w"])))
+    assert ratios[0] == pytest.approx(1.0, rel=1e-4)
+    assert ratios[-1] == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 0.9)), rel=1e-3)
+    assert all(x > y for x, y in zip(ratios[:-1], ratios[1:], strict=True))
+
+
 def test_bad_step_scale_is_refused_naming_the_valid_ones():
     with pytest.raises(ValueError, match="'param', 'initial'"):
         HierarchicalLOpt(**SMALL, step_scale="current")
+    with pytest.raises(ValueError, match="'constant', 'cosine'"):
+        HierarchicalLOpt(**SMALL, schedule="linear")
 
 
 def test_init_theta_starts_from_the_file_and_refuses_another_optimizer(tmp_path):

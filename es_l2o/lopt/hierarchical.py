@@ -74,6 +74,28 @@ class HierarchicalState(NamedTuple):
 
 
 STEP_SCALES = ("param", "initial")
+SCHEDULES = ("constant", "cosine")
+
+
+def schedule_factor(schedule: str, count, num_steps) -> jax.Array:
+    """The fixed step-size schedule at step `count` of `num_steps` (traced or not).
+
+    "constant" is 1; "cosine" decays from 1 to 0.1 over the run (the LSTM's
+    `lr_mult` modulates either).
+
+    Example:
+        >>> [round(float(schedule_factor("cosine", t, 100)), 3) for t in (0, 50, 100)]
+        [1.0, 0.55, 0.1]
+    """
+    if schedule == "constant":
+        return jnp.ones((), jnp.float32)
+    frac = jnp.clip(
+        jnp.asarray(count, jnp.float32)
+        / jnp.maximum(jnp.asarray(num_steps, jnp.float32), 1.0),
+        0.0,
+        1.0,
+    )
+    return 0.1 + 0.45 * (1.0 + jnp.cos(jnp.pi * frac))
 
 
 class ParamFeatures(NamedTuple):
@@ -116,6 +138,17 @@ def _dense(normals, fan_in, fan_out, scale=1.0):
     return {"w": w, "b": jnp.zeros((fan_out,))}
 
 
+def _mean_square(x: jax.Array, extent: jax.Array) -> jax.Array:
+    """Mean of `x**2` over the true `extent` of a zero-padded `(batch, rows, cols)`."""
+    inside = None
+    for axis in range(x.ndim):
+        index = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+        ok = index < extent[axis]
+        inside = ok if inside is None else inside & ok
+    total = jnp.sum(jnp.where(inside, x * x, 0.0))
+    return total / jnp.maximum(jnp.prod(extent), 1.0)
+
+
 def _saturate(total: jax.Array) -> jax.Array:
     """A sum over a tensor's raw gradient made safe: NaN -> 0, +-inf -> +-1e30."""
     return jnp.nan_to_num(total, nan=0.0, posinf=1e30, neginf=-1e30)
@@ -140,6 +173,11 @@ class HierarchicalLOpt(LearnedOptimizer):
             RMS (a relative step: a tensor that keeps moving outwards grows
             geometrically), or "initial", its RMS at the first update (steps of a
             fixed size per tensor, as Adam's: growth at most linear in the steps).
+        normalize_update: divide each tensor's MLP output `d * exp(alpha * m)` by its
+            RMS (Celo2's normalised update), so that the step's RMS is exactly
+            `lr_mult * step_mult * scale * schedule`: the MLP sets the shape of the
+            step, the per-tensor LSTM its size.
+        schedule: a fixed step-size schedule under `lr_mult` (`SCHEDULES`).
 
     The initial `theta` behaves like momentum normalised by the root second moment
     (an Adam-like direction) with noise, so that meta-training starts from an
@@ -172,6 +210,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         param_scale_floor: float = 0.01,
         bank_noise: float = 0.1,
         step_scale: str = "param",
+        normalize_update: bool = False,
+        schedule: str = "constant",
     ):
         for what, value in (
             ("lstm_size", lstm_size),
@@ -210,6 +250,10 @@ class HierarchicalLOpt(LearnedOptimizer):
                 f"step_scale must be one of {STEP_SCALES}, got {step_scale!r}"
             )
         self.step_scale = step_scale
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
+        self.normalize_update = bool(normalize_update)
         fmas = F.mlp_multiply_adds(self._mlp_sizes)
         if fmas > F.FUSED_MAX_MULTIPLY_ADDS:
             raise ValueError(
@@ -232,6 +276,8 @@ class HierarchicalLOpt(LearnedOptimizer):
             "param_scale_floor": self.param_scale_floor,
             "bank_noise": self.bank_noise,
             "step_scale": self.step_scale,
+            "normalize_update": self.normalize_update,
+            "schedule": self.schedule,
         }
 
     # -- sizes ---------------------------------------------------------------------
@@ -537,7 +583,10 @@ class HierarchicalLOpt(LearnedOptimizer):
             g, p, momenta, v, F.factored_factors(factored, extent), scales
         )
         direction, magnitude = self.per_param_mlp(features, weights)
-        return direction * jnp.exp(self.exp_mult * magnitude) * scales["step"]
+        update = direction * jnp.exp(self.exp_mult * magnitude)
+        if self.normalize_update:
+            update = update * jax.lax.rsqrt(_mean_square(update, extent) + 1e-24)
+        return update * scales["step"]
 
     def _statistics(self, state, groups, grads, params):
         """Every group's accumulators and the per-tensor means (in tensor order).
@@ -632,7 +681,10 @@ class HierarchicalLOpt(LearnedOptimizer):
                 "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
                 "rms_sv": jnp.sqrt(sums["v"]),
                 "eps_v": 1e-8 * sums["v"] + 1e-30,
-                "step": lr_mult * self.step_mult * step_p,
+                "step": lr_mult
+                * self.step_mult
+                * step_p
+                * schedule_factor(self.schedule, state.count, num_steps),
             }
 
             # the per-parameter network: one fused pass per group of equal shapes
