@@ -98,13 +98,22 @@ def _entries(suite: str, only=None):
 
 
 def evaluate_suite(
-    path, suite, families, max_horizon, num_seeds, seed, reference, only=None
+    path,
+    suite,
+    families,
+    max_horizon,
+    num_seeds,
+    seed,
+    reference,
+    only=None,
+    baselines=("adam",),
 ):
     entries = suites.relabel(_entries(suite, only), families, max_horizon)
     result = evaluate.evaluate_suite(
         lambda n: export.load(path, num_steps=n),
         entries,
         num_seeds=num_seeds,
+        baselines=baselines,
         seed=seed,
         log=lambda line: print(f"[{suite}] {line}", flush=True),
     )
@@ -214,6 +223,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", default=None, help="a second optimizer file")
     parser.add_argument("--divergence-steps", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="suite entry names")
+    parser.add_argument(
+        "--baselines", nargs="+", default=["adam"], help="hand-designed optimizers"
+    )
     parser.add_argument("--out", default="analysis/results/generalist")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -231,6 +243,7 @@ def main(argv=None) -> None:
             args.seed,
             args.reference,
             args.only,
+            tuple(args.baselines),
         )
         (out / f"{suite}.json").write_text(json.dumps(results[suite], indent=1))
     steps = args.divergence_steps or 5 * args.max_horizon
