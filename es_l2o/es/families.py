@@ -51,7 +51,6 @@ def family_state(state: MultiFamilyState, index: int):
     """Family `index`'s full estimator state (its own parts and the shared ones).
 
     Example:
-        >>> from types import SimpleNamespace
         >>> from flax import struct
         >>> @struct.dataclass
         ... class Own:
