@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from es_l2o.es import ESTIMATORS, PES, NoiseReuseES, TruncatedES
+from es_l2o.es import ESTIMATORS, PES, Estimator, NoiseReuseES, TruncatedES
 from es_l2o.es.noise import brownian_path
 from es_l2o.lopt import MLPLOpt
 from es_l2o.toy_systems import InfluenceBalancing
@@ -426,7 +426,7 @@ def test_each_config_builds_its_estimator_and_steps(name):
     cfg.population_size, cfg.truncation_length = 4, 2
     system = LOptTraining(QuadraticFamily(dim=2), LOPT, horizon=50)
     es = instantiate(cfg)(system=system)
-    assert type(es) is ESTIMATORS[name]
+    assert type(es) is ESTIMATORS[name] and isinstance(es, Estimator)
     states = [es.init(jax.random.key(0), LOPT.init(jax.random.key(1)))]
     for i in range(2):
         states.append(es.step(jax.random.key(2 + i), states[-1])[0])

@@ -148,6 +148,15 @@ class StoredNoise:
     Args:
         num_pairs, num_dims: M and D.
         spec: where the rows live (`es_l2o.sharding.pair_sharding`; None: whole).
+
+    Example:
+        >>> from es_l2o.es.weighting import WEIGHTINGS
+        >>> store, rule = StoredNoise(num_pairs=2, num_dims=3), WEIGHTINGS["tes"]
+        >>> noise = store.init(jax.random.key(0))
+        >>> draw = jnp.ones(2, bool)
+        >>> noise = store.advance(noise, jax.random.key(1), 0.1, draw, rule)
+        >>> bool(jnp.allclose(noise.score, noise.pert / 0.1**2)), noise.pert.shape
+        (True, (2, 3))
     """
 
     def __init__(
