@@ -433,7 +433,8 @@ def test_each_config_builds_its_estimator_and_steps(name):
     first, second = (np.asarray(s.noise.pert) for s in states[1:])
     std2 = float(states[-1].es_state.std) ** 2
     want = {"pes": first + second, "tes": second, "nres": first}[name]
-    np.testing.assert_allclose(np.asarray(states[-1].noise.score) * std2, want, 1e-5)
+    score = np.asarray(states[-1].noise.score) * std2
+    np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-6)
     assert (name == "nres") == np.array_equal(first, second)
     assert int(states[-1].iteration) == 2
     theta = jax.tree.leaves(es.theta(states[-1]))
