@@ -151,9 +151,10 @@ def _snapshot_tree(snapshot: Snapshot) -> dict:
 
 
 def snapshot_template(estimator, theta, key: jax.Array, *, validation: bool) -> dict:
-    """The abstract checkpoint tree of a run (the estimator's `state_template`)."""
-    _, key_steps = _split_run_key(key)
-    state = estimator.state_template()
+    """The abstract checkpoint tree of a run (`jax.eval_shape` of the estimator's init:
+    every estimator builds what it needs in its constructor, so this makes nothing)."""
+    key_init, key_steps = _split_run_key(key)
+    state = jax.eval_shape(estimator.init, key_init, theta)
     shapes = jax.eval_shape(lambda: (key_steps, theta))
     return _snapshot_tree(
         Snapshot(state, shapes[0], 0, 0, shapes[1] if validation else None)
