@@ -171,7 +171,10 @@ class PairPopulation:
         if rows is None:
             rows = self.store.pair_noise(noise, group, std, self.rule)
         pert, _, switch = rows
-        thetas_of = lambda p: thetas(mean, p, self.unravel, per, self.mesh)  # noqa: E731
+
+        def thetas_of(p):
+            return thetas(mean, p, self.unravel, per, self.mesh)
+
         # noise reuse: a new episode runs under the next perturbation at once
         switched = thetas_of(switch) if self.rule.reuses else None
         return self.truncation.run(thetas_of(pert), switched, *xs)
