@@ -58,7 +58,7 @@ def compiled_memory(population: int, devices: int, chunk: int | None) -> None:
         stats = es.step.lower(jax.random.key(0), state).compile().memory_analysis()
         row.append(f"{name} {stats.temp_size_in_bytes / 2**20:.1f} MiB")
     print(
-        f"population {population}, D {es.algorithm.num_dims}, {devices} device(s), "
+        f"population {population}, D {es.num_dims}, {devices} device(s), "
         f"particle_chunk {chunk}: temporary memory " + ", ".join(row)
     )
 

@@ -212,15 +212,15 @@ def bench_memory(populations, dims, truncation, chunk):
     for population in populations:
         for dim in dims:
             for noise, pair_chunk in (("stored", None), ("keys", chunk)):
+                theta = jax.ShapeDtypeStruct((dim,), jnp.float32)
                 es = PES(
                     VectorTheta(2000),
                     population_size=population,
                     truncation_length=truncation,
                     noise=noise,
                     pair_chunk=pair_chunk,
+                    theta=theta,
                 )
-                theta = jax.ShapeDtypeStruct((dim,), jnp.float32)
-                es._build(jnp.zeros((dim,), jnp.float32))  # a concrete template
                 key = jax.random.key(0)
                 state = jax.eval_shape(es.init, key, theta)
                 compiled = jax.jit(es._step).lower(key, state).compile()

@@ -104,7 +104,6 @@ def truncated_pair_estimates(cls, family, lopt, theta, truncation, num_pairs, ke
         truncation_length=truncation,
     )
     warmup = math.ceil(HORIZON / truncation) + 1
-    es.init(key, theta)  # builds the evosax algorithm outside the traced chain
 
     def chain(key):
         state = es.init(key, theta)

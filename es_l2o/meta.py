@@ -151,14 +151,9 @@ def _snapshot_tree(snapshot: Snapshot) -> dict:
 
 
 def snapshot_template(estimator, theta, key: jax.Array, *, validation: bool) -> dict:
-    """The abstract checkpoint tree of a run (`jax.eval_shape` of the estimator's init).
-
-    Builds the estimator (its evosax algorithm) concretely first where needed: doing
-    that under tracing would store tracers in it.
-    """
+    """The abstract checkpoint tree of a run (`jax.eval_shape` of the estimator's init:
+    every estimator builds what it needs in its constructor, so this makes nothing)."""
     key_init, key_steps = _split_run_key(key)
-    if getattr(estimator, "algorithm", None) is None:
-        estimator.init(key_init, theta)
     state = jax.eval_shape(estimator.init, key_init, theta)
     shapes = jax.eval_shape(lambda: (key_steps, theta))
     return _snapshot_tree(

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import pytest
 
 from es_l2o import sharding
@@ -33,7 +32,7 @@ SCRIPT = textwrap.dedent(
             state, _ = es.step(jax.random.key(10 + i), state)
         assert es.step._cache_size() == 1, "the second step recompiled"
         text = es.step.lower(jax.random.key(0), state).compile().as_text()
-        return es.theta(state), theta_rows(text, es.algorithm.num_dims), text
+        return es.theta(state), theta_rows(text, es.num_dims), text
 
     def theta_rows(text, d):
         # the most thetas (or perturbations) one device's compiled program holds: the
@@ -61,7 +60,7 @@ SCRIPT = textwrap.dedent(
             state, _ = es.step(jax.random.key(20 + i), state)
         assert es.step._cache_size() == 1, "the second PES step recompiled"
         text = es.step.lower(jax.random.key(0), state).compile().as_text()
-        return es.theta(state), theta_rows(text, es.algorithm.num_dims)
+        return es.theta(state), theta_rows(text, es.num_dims)
 
     # summation order across devices differs: theta agrees to float tolerance
     for noise in ("stored", "keys"):
@@ -132,11 +131,60 @@ def test_eight_devices_give_the_same_theta_as_one():
     assert "SAME_THETA" in proc.stdout
 
 
-def test_population_must_split_evenly():
-    mesh = sharding.population_mesh(1)
-    sharding.check_population(5, mesh)  # one device takes any population
-    with pytest.raises(ValueError, match="num_devices must lie in"):
-        sharding.population_mesh(jax.device_count() + 1)
+SPLIT = textwrap.dedent(
+    """
+    import jax
+    from es_l2o import sharding
+    from es_l2o.es import FullES, PES, MultiFamilyES
+    from es_l2o.lopt import MLPLOpt
+    from es_l2o.unroll import LOptTraining
+    from populations.quadratic import QuadraticFamily
+
+    assert jax.device_count() == 8, jax.devices()
+    lopt = MLPLOpt(hidden_sizes=(4,))
+    system = LOptTraining(QuadraticFamily(), lopt, horizon=4)
+    eight, four = sharding.population_mesh(8), sharding.population_mesh(4)
+    sharding.check_population(5, sharding.population_mesh(1))  # one device: any
+    sharding.check_population(16, eight)
+    sharding.check_population(12, four)  # 12 splits over 4 of the 8 devices
+    builds = {
+        "check": lambda p, mesh: sharding.check_population(p, mesh),
+        "FullES": lambda p, mesh: FullES(system, population_size=p, mesh=mesh),
+        "PES": lambda p, mesh: PES(system, population_size=p, mesh=mesh),
+        "MultiFamilyES": lambda p, mesh: MultiFamilyES.build(
+            PES, [system, system], population_size=p, mesh=mesh),
+    }
+    for name, build in builds.items():
+        build(16, eight)  # divides: accepted
+        try:
+            build(12, eight)
+        except ValueError as err:
+            text = str(err)
+            assert "12" in text and "8" in text and "16" in text, (name, text)
+        else:
+            raise AssertionError(f"{name} accepted 12 particles on 8 devices")
+    try:
+        sharding.population_mesh(9)
+    except ValueError as err:
+        assert "num_devices must lie in [1, 8]" in str(err), err
+    else:
+        raise AssertionError("a mesh of 9 of 8 devices was built")
+    print("SPLIT_OK")
+    """
+)
+
+
+def test_population_must_split_evenly_over_several_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SPLIT_OK" in proc.stdout
 
 
 def test_particle_chunk_must_divide_each_devices_particles():

@@ -6,14 +6,16 @@ import numpy as np
 import optax
 import pytest
 
-from es_l2o.es import ESTIMATORS, PES, NoiseReuseES, TruncatedES
-from es_l2o.es.pes import PerParticlePersistentES, brownian_path
+from es_l2o.es import ESTIMATORS, PES, Estimator, NoiseReuseES, TruncatedES
+from es_l2o.es.noise import brownian_path
 from es_l2o.lopt import MLPLOpt
 from es_l2o.toy_systems import InfluenceBalancing
 from es_l2o.unroll import LOptTraining, StepOutput, UnrolledSystem
 from populations.quadratic import QuadraticFamily
 
 LOPT = MLPLOpt(hidden_sizes=(4,))
+#: the scalar theta of the toy systems (they have no learned optimizer to ask)
+SCALAR = jax.ShapeDtypeStruct((), jnp.float32)
 
 
 def _run(es, state, key, num_iterations):
@@ -36,6 +38,7 @@ def _influence_theta(cls, num_iterations=1500):
         std=0.1,
         optimizer=optax.sgd(1e-4),
         truncation_length=1,
+        theta=SCALAR,
     )
     state = es.init(jax.random.key(0), jnp.asarray(0.5))
     state, _ = _run(es, state, jax.random.key(1), num_iterations)
@@ -68,6 +71,7 @@ def _mean_estimates(cls, population_size, noise="stored", repeats=8, pair_chunk=
         truncation_length=TRUNCATION,
         noise=noise,
         pair_chunk=pair_chunk,
+        theta=SCALAR,
     )
     theta = jnp.asarray(0.5)
 
@@ -153,23 +157,22 @@ def test_accumulators_restart_only_for_pairs_whose_episode_ended(staggered):
         before = state
         _, aux = es.gradient(jax.random.key(10 + i), before)
         state = aux["state"]
-        es_before, es_after = before.es_state, state.es_state
         inner = before.inner
         # a pair resets inside this truncation iff its episode ends within K steps
         expected = np.asarray(inner.horizon - inner.step < RESET_K)[:8]
-        fresh = np.asarray(es_after.pert / es_after.std**2)
-        accumulated = np.asarray(es_before.score) + fresh
-        restarted = np.asarray(es_after.score)
+        fresh = np.asarray(state.noise.pert / state.es_state.std**2)
+        accumulated = np.asarray(before.noise.score) + fresh
+        restarted = np.asarray(state.noise.score)
         for j in range(8):
             want = fresh[j] if expected[j] else accumulated[j]
             np.testing.assert_allclose(restarted[j], want, rtol=1e-5, atol=1e-3)
         steps_after = np.asarray(state.inner.step[:8])
-        counters = np.asarray(es_after.inner_step_counter)
+        counters = np.asarray(state.pair_steps)
         np.testing.assert_array_equal(
             counters[expected], steps_after[expected]
         )  # reset pairs count from their new episode's start
         np.testing.assert_array_equal(
-            counters[~expected], np.asarray(es_before.inner_step_counter)[~expected] + 4
+            counters[~expected], np.asarray(before.pair_steps)[~expected] + 4
         )
         assert int(aux["metrics"]["resets"]) == 2 * int(expected.sum())
         num_reset += int(expected.sum())
@@ -189,7 +192,7 @@ def test_normalised_heldout_meta_loss_is_relative_to_the_first_loss(staggered):
 
 def test_noise_reuse_keeps_a_perturbation_for_the_whole_episode():
     system = InfluenceBalancing(horizon=5, stagger=True)
-    es = NoiseReuseES(system, population_size=16, truncation_length=2)
+    es = NoiseReuseES(system, population_size=16, truncation_length=2, theta=SCALAR)
     state = es.init(jax.random.key(0), jnp.asarray(0.5))
     _, aux = es.gradient(jax.random.key(0), state)  # draws the first perturbations
     state = aux["state"]
@@ -201,11 +204,11 @@ def test_noise_reuse_keeps_a_perturbation_for_the_whole_episode():
         # a pair changes perturbation exactly when its episode ended in between
         ended = np.asarray(system.horizon - before.inner.step < 2)[:8]
         same = np.all(
-            np.asarray(state.es_state.pert) == np.asarray(before.es_state.pert), axis=1
+            np.asarray(state.noise.pert) == np.asarray(before.noise.pert), axis=1
         )
         np.testing.assert_array_equal(same, ~ended)
         np.testing.assert_allclose(
-            state.es_state.score, state.es_state.pert / state.es_state.std**2, rtol=1e-6
+            state.noise.score, state.noise.pert / state.es_state.std**2, rtol=1e-6
         )
         kept += int((~ended).sum())
         switched += int(ended.sum())
@@ -301,6 +304,7 @@ def test_nonfinite_steps_restart_pairs_and_never_reach_theta():
         optimizer=optax.sgd(1e-3),
         truncation_length=3,
         nonfinite_penalty=50.0,
+        theta=SCALAR,
     )
     state = es.init(jax.random.key(0), jnp.asarray(0.5))
     # theta sits on the cliff: one partner of every pair fails
@@ -330,6 +334,7 @@ def test_std_schedule_and_gradient_clipping():
         optimizer=optax.sgd(1.0),
         truncation_length=2,
         max_grad_norm=1e-3,
+        theta=SCALAR,
     )
     state = es.init(jax.random.key(0), jnp.asarray(0.5))
     state, history = _run(es, state, jax.random.key(1), 4)
@@ -339,7 +344,7 @@ def test_std_schedule_and_gradient_clipping():
 
 
 def test_second_step_does_not_recompile():
-    es = PES(InfluenceBalancing(), population_size=4, truncation_length=2)
+    es = PES(InfluenceBalancing(), population_size=4, truncation_length=2, theta=SCALAR)
     state = es.init(jax.random.key(0), jnp.asarray(0.5))
     state, _ = es.step(jax.random.key(1), state)
     state, _ = es.step(jax.random.key(2), state)
@@ -347,10 +352,17 @@ def test_second_step_does_not_recompile():
 
 
 def test_keys_mode_stores_no_per_pair_vectors():
-    es = PES(InfluenceBalancing(), population_size=8, noise="keys", pair_chunk=2)
+    es = PES(
+        InfluenceBalancing(),
+        population_size=8,
+        noise="keys",
+        pair_chunk=2,
+        theta=SCALAR,
+    )
     state = es.init(jax.random.key(0), jnp.asarray(0.5))
-    assert state.es_state.pert is None and state.es_state.score is None
-    assert state.es_state.episode.shape == (4,)  # a few integers per pair
+    noise = jax.tree.leaves(state.noise)
+    assert all(leaf.shape in ((), (4,), (2,)) for leaf in noise), noise
+    assert state.noise.episode.shape == (4,)  # a few integers per pair
 
 
 def test_brownian_path_has_independent_unit_increments():
@@ -386,24 +398,44 @@ def test_bad_settings_name_the_value(kwargs, match):
 
 
 def test_pair_chunk_must_divide_the_pairs():
-    es = PES(InfluenceBalancing(), population_size=8, pair_chunk=3)
     with pytest.raises(ValueError, match="pair_chunk must divide the number of pairs"):
-        es.init(jax.random.key(0), jnp.asarray(0.5))
+        PES(InfluenceBalancing(), population_size=8, pair_chunk=3, theta=SCALAR)
 
 
-def test_algorithms_work_as_plain_evosax_ask_tell():
-    algorithm = PerParticlePersistentES(8, jnp.zeros(3), optax.sgd(0.1))
-    params = algorithm.default_params  # lock-step: all pairs restart every T steps
-    state = algorithm.init(jax.random.key(0), jnp.ones(3), params)
-    for i in range(12):
-        population, state = algorithm.ask(jax.random.key(i), state, params)
-        fitness = jnp.sum(population**2, axis=1)
-        state, _ = algorithm.tell(jax.random.key(i), population, fitness, state, params)
-    assert int(state.generation_counter) == 12
-    np.testing.assert_array_equal(state.inner_step_counter, 12 * params.K % params.T)
+def test_theta_must_match_the_template_the_estimator_was_built_from():
+    es = PES(InfluenceBalancing(), population_size=4, theta=SCALAR)
+    with pytest.raises(ValueError, match="does not match the estimator's theta"):
+        es.init(jax.random.key(0), jnp.zeros(3))
+    with pytest.raises(ValueError, match="pass theta=jax.ShapeDtypeStruct"):
+        PES(InfluenceBalancing(), population_size=4)
 
 
-def test_registry_lists_the_truncated_estimators():
-    assert ESTIMATORS["pes"] is PES
-    assert ESTIMATORS["tes"] is TruncatedES
-    assert ESTIMATORS["nres"] is NoiseReuseES
+@pytest.mark.parametrize("name", ["pes", "tes", "nres"])
+def test_each_config_builds_its_estimator_and_steps(name):
+    """configs/es/NAME.yaml builds `ESTIMATORS[NAME]`, whose rule weights a loss as
+    the estimator promises: after two truncations without a reset, PES's score is
+    the sum of both perturbations, truncated ES's and noise reuse's the current
+    one alone (noise reuse keeping the first perturbation)."""
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).parents[1] / "configs" / "es" / f"{name}.yaml"
+    cfg = OmegaConf.load(path)
+    cfg.population_size, cfg.truncation_length = 4, 2
+    system = LOptTraining(QuadraticFamily(dim=2), LOPT, horizon=50)
+    es = instantiate(cfg)(system=system)
+    assert type(es) is ESTIMATORS[name] and isinstance(es, Estimator)
+    states = [es.init(jax.random.key(0), LOPT.init(jax.random.key(1)))]
+    for i in range(2):
+        states.append(es.step(jax.random.key(2 + i), states[-1])[0])
+    first, second = (np.asarray(s.noise.pert) for s in states[1:])
+    std2 = float(states[-1].es_state.std) ** 2
+    want = {"pes": first + second, "tes": second, "nres": first}[name]
+    score = np.asarray(states[-1].noise.score) * std2
+    np.testing.assert_allclose(score, want, rtol=1e-5, atol=1e-6)
+    assert (name == "nres") == np.array_equal(first, second)
+    assert int(states[-1].iteration) == 2
+    theta = jax.tree.leaves(es.theta(states[-1]))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in theta)

@@ -1,8 +1,27 @@
-"""Gradient-free meta-gradient estimators over any `UnrolledSystem`."""
+"""Gradient-free meta-gradient estimators over any `UnrolledSystem`.
 
-from es_l2o.es.families import MultiFamilyES, MultiFamilyState, allocate_particles
+`FullES` scores full unrolls; the truncated family (`PES`, `TruncatedES`,
+`NoiseReuseES`, all one `TruncatedEstimator` with another `es_l2o.es.weighting`
+rule) scores truncations of long ones, with its noise kept as stored rows or
+regenerated from keys (`es_l2o.es.noise`). All offer the `Estimator` protocol;
+`MultiFamilyES` combines one per task family over a shared theta.
+"""
+
+from es_l2o.es.estimator import Estimator
+from es_l2o.es.families import (
+    MultiFamilyES,
+    MultiFamilyState,
+    allocate_particles,
+    family_state,
+)
 from es_l2o.es.full_es import ESState, FullES
-from es_l2o.es.pes import PES, NoiseReuseES, TruncatedES, TruncatedESState
+from es_l2o.es.truncated import (
+    PES,
+    NoiseReuseES,
+    TruncatedES,
+    TruncatedESState,
+    TruncatedEstimator,
+)
 
 ESTIMATORS = {
     "full_es": FullES,
@@ -14,6 +33,7 @@ ESTIMATORS = {
 __all__ = [
     "ESTIMATORS",
     "ESState",
+    "Estimator",
     "FullES",
     "MultiFamilyES",
     "MultiFamilyState",
@@ -21,5 +41,7 @@ __all__ = [
     "PES",
     "TruncatedES",
     "TruncatedESState",
+    "TruncatedEstimator",
     "allocate_particles",
+    "family_state",
 ]

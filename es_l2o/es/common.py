@@ -37,6 +37,11 @@ def choose(name: str, options, what: str):
     return options[name]
 
 
+def choose_rule(rule, options, what: str):
+    """`rule` itself, or the option it names (see `choose`)."""
+    return choose(rule, options, what) if isinstance(rule, str) else rule
+
+
 def make_algorithm(
     name: str | type,
     *,

@@ -33,16 +33,42 @@ from es_l2o.es import common
 
 @struct.dataclass
 class MultiFamilyState:
-    """One estimator state per family and the iteration counter.
+    """The shared ES state once, each family's own state, the iteration counter.
 
-    Every family's evosax state holds the same mean theta, meta-optimizer state,
-    std and generation counter (family 0's, copied to the others after each
-    update); the rest (per-particle inner states, per-pair noise) is the family's
-    own.
+    es_state: the search state every family shares (mean theta, meta-optimizer
+        state, std, generation counter), stored once.
+    families: each family's estimator state without the shared parts (its
+        `es_state` and `iteration` are None): per-particle inner states, per-pair
+        noise. `family_state(state, i)` puts them back together.
     """
 
+    es_state: Any
     families: tuple
     iteration: jax.Array
+
+
+def family_state(state: MultiFamilyState, index: int):
+    """Family `index`'s full estimator state (its own parts and the shared ones).
+
+    Example:
+        >>> from flax import struct
+        >>> @struct.dataclass
+        ... class Own:
+        ...     es_state: object
+        ...     inner: object
+        ...     iteration: object
+        >>> state = MultiFamilyState("shared", (Own(None, 1, None),), 0)
+        >>> family_state(state, 0)
+        Own(es_state='shared', inner=1, iteration=0)
+    """
+    return state.families[index].replace(
+        es_state=state.es_state, iteration=state.iteration
+    )
+
+
+def _own(family) -> Any:
+    """A family's state without the parts every family shares."""
+    return family.replace(es_state=None, iteration=None)
 
 
 def allocate_particles(
@@ -104,16 +130,6 @@ def _unique_names(names: Sequence[str]) -> tuple[str, ...]:
         seen[name] = seen.get(name, 0) + 1
         out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
     return tuple(out)
-
-
-def _shared(es_state, lead):
-    """`es_state` with the lead family's mean, meta-optimizer state, std, counter."""
-    return es_state.replace(
-        mean=lead.mean,
-        opt_state=lead.opt_state,
-        std=lead.std,
-        generation_counter=lead.generation_counter,
-    )
 
 
 class MultiFamilyES:
@@ -222,11 +238,6 @@ class MultiFamilyES:
         return cls(estimators, weights, names)
 
     @property
-    def algorithm(self):
-        """Family 0's evosax algorithm (None until `init`)."""
-        return self.estimators[0].algorithm
-
-    @property
     def systems(self) -> tuple:
         return tuple(e.system for e in self.estimators)
 
@@ -238,13 +249,12 @@ class MultiFamilyES:
         """Every family's state centred on `theta`, after one memory check that
         covers all families (before anything large is allocated)."""
         for e in self.estimators:
-            e._build(theta)
             if not getattr(e, "keyed", True):
                 raise ValueError(
                     "MultiFamilyES needs FullES with algorithm='Open_ES', got "
                     f"{type(e.algorithm).__name__}"
                 )
-        self.check_memory(key, theta)
+        self.check_memory(theta)
         states = tuple(
             e.init(self.family_key(key, i), theta)
             for i, e in enumerate(self.estimators)
@@ -256,20 +266,31 @@ class MultiFamilyES:
                     f"family {name!r} has another meta-optimizer than family "
                     f"{self.names[0]!r}; every family must share one"
                 )
-        iteration = sharding.put_replicated(jnp.zeros((), jnp.int32), self.mesh)
-        return MultiFamilyState(families=states, iteration=iteration)
+        return MultiFamilyState(
+            es_state=states[0].es_state,
+            families=tuple(_own(s) for s in states),
+            iteration=states[0].iteration,
+        )
 
-    def check_memory(self, key: jax.Array, theta) -> None:
+    def state_template(self) -> MultiFamilyState:
+        """The abstract state of `init` (shapes and dtypes only)."""
+        states = [e.state_template() for e in self.estimators]
+        return MultiFamilyState(
+            es_state=states[0].es_state,
+            families=tuple(_own(s) for s in states),
+            iteration=states[0].iteration,
+        )
+
+    def check_memory(self, theta) -> None:
         """Refuses families whose particles together cannot fit on the devices
         (`es_l2o.es.common.check_population_memory`, summed over families)."""
         total, replicated = 0, 0
         for e in self.estimators:
             copies = 1 if getattr(e, "keyed", False) else 2
             total += e.population_size * common.particle_bytes(e.system, theta, copies)
-            es_state = jax.eval_shape(
-                lambda k, e=e: e.algorithm.init(k, theta, e.params), key
-            )
-            replicated += sharding.tree_bytes(es_state)
+            template = e.state_template()
+            own = (template.es_state, getattr(template, "noise", None))
+            replicated += sharding.tree_bytes(own)
         try:
             sharding.check_memory(
                 population_size=self.population_size,
@@ -283,17 +304,15 @@ class MultiFamilyES:
 
     def theta(self, state: MultiFamilyState):
         """The current mean meta-parameters."""
-        return self.estimators[0].theta(state.families[0])
+        return self.estimators[0].unravel(state.es_state.mean)
 
     def _estimate(self, key, state: MultiFamilyState):
         """Every family's estimate, combined with the weights (flat, unapplied)."""
-        lead = state.families[0].es_state
         grads, families, metrics = [], [], {}
-        for i, (e, s) in enumerate(zip(self.estimators, state.families, strict=True)):
-            s = s.replace(es_state=_shared(s.es_state, lead)) if i else s
-            grad, s, m = e.estimate(self.family_key(key, i), s)
+        for i, e in enumerate(self.estimators):
+            grad, s, m = e.estimate(self.family_key(key, i), family_state(state, i))
             grads.append(grad)
-            families.append(s)
+            families.append(_own(s))
             name = self.names[i]
             for what in ("meta_loss", "nonfinite_steps", "grad_norm"):
                 metrics[f"{what}/{name}"] = m[what]
@@ -310,21 +329,25 @@ class MultiFamilyES:
 
     def _gradient(self, key, state: MultiFamilyState):
         grad, state, metrics = self._estimate(key, state)
-        return self.algorithm._unravel_solution(grad), {
+        return self.estimators[0].unravel(grad), {
             "state": state,
             "metrics": metrics,
         }
 
     def _step(self, key, state: MultiFamilyState):
         grad, state, metrics = self._estimate(key, state)
-        lead = self.estimators[0].apply_gradient(state.families[0].es_state, grad)
-        families = tuple(
-            e.finish(s.replace(es_state=_shared(s.es_state, lead)))
-            for e, s in zip(self.estimators, state.families, strict=True)
+        es_state = self.estimators[0].apply_gradient(state.es_state, grad)
+        state = state.replace(es_state=es_state)
+        finished = [
+            e.finish(family_state(state, i)) for i, e in enumerate(self.estimators)
+        ]
+        metrics["theta_norm"] = jnp.linalg.norm(es_state.mean)
+        metrics["theta_finite"] = jnp.all(jnp.isfinite(es_state.mean))
+        state = MultiFamilyState(
+            es_state=finished[0].es_state,
+            families=tuple(_own(s) for s in finished),
+            iteration=finished[0].iteration,
         )
-        metrics["theta_norm"] = jnp.linalg.norm(lead.mean)
-        metrics["theta_finite"] = jnp.all(jnp.isfinite(lead.mean))
-        state = MultiFamilyState(families=families, iteration=state.iteration + 1)
         return common.strong_types(state), metrics
 
 

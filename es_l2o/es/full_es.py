@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from es_l2o import sharding
 from es_l2o.es import common
+from es_l2o.es.estimator import abstract_theta, check_theta, zeros
 from es_l2o.es.keyed import KeyedOpenES
 from es_l2o.unroll import UnrolledSystem
 
@@ -67,6 +68,26 @@ def full_unroll(
     return value, jnp.sum(~outs.finite)
 
 
+def _meta_loss(meta_loss: str, system) -> str:
+    common.choose(meta_loss, dict.fromkeys(META_LOSSES), "meta_loss")
+    if meta_loss == "auto":
+        meta_loss = "validation" if system.has_validation else "train_mean"
+    if meta_loss == "validation" and not system.has_validation:
+        raise ValueError(
+            "meta_loss='validation' needs a population with a validation split; "
+            "use 'train_mean' or 'train_final' for this one"
+        )
+    return meta_loss
+
+
+def _num_steps(num_steps, system) -> int:
+    if num_steps is None:
+        num_steps = getattr(system, "max_horizon", None)
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    return num_steps
+
+
 def _fitness_metrics(fitness: jax.Array, failed: jax.Array) -> dict:
     return {
         "meta_loss": jnp.mean(fitness),
@@ -99,6 +120,8 @@ class FullES:
         particle_chunk: each device unrolls its particles this many at a time (a
             loop over chunks), so populations past the size a device saturates at
             keep its throughput; None unrolls all of them at once.
+        theta: theta's shapes (see `es_l2o.es.estimator.abstract_theta`; default:
+            the system's). The evosax algorithm is built from it here.
 
     Example:
         >>> import jax, optax
@@ -129,33 +152,15 @@ class FullES:
         algorithm_kwargs: dict | None = None,
         mesh: Mesh | None = None,
         particle_chunk: int | None = None,
+        theta=None,
     ):
-        common.choose(meta_loss, dict.fromkeys(META_LOSSES), "meta_loss")
-        if meta_loss == "auto":
-            meta_loss = "validation" if system.has_validation else "train_mean"
-        if meta_loss == "validation" and not system.has_validation:
-            raise ValueError(
-                "meta_loss='validation' needs a population with a validation split; "
-                "use 'train_mean' or 'train_final' for this one"
-            )
-        num_steps = (
-            getattr(system, "max_horizon", None) if num_steps is None else num_steps
-        )
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        self.meta_loss = _meta_loss(meta_loss, system)
+        self.num_steps = _num_steps(num_steps, system)
         self.system = system
         self.population_size = int(population_size)
         self.std = float(std)
         self.optimizer = optax.adam(1e-2) if optimizer is None else optimizer
-        self.num_steps = num_steps
-        self.meta_loss = meta_loss
         self.nonfinite_penalty = float(nonfinite_penalty)
-        self._algorithm_name = (
-            KeyedOpenES if algorithm == "Open_ES" or algorithm is Open_ES else algorithm
-        )
-        self._fitness_shaping = fitness_shaping
-        self._algorithm_kwargs = dict(algorithm_kwargs or {})
-        self.algorithm = None
         self.mesh = mesh
         sharding.check_population(self.population_size, mesh)
         sharding.check_particle_chunk(particle_chunk, self.population_size, mesh)
@@ -168,42 +173,52 @@ class FullES:
         common.check_population(
             self.population_size, common.is_antithetic_class(algorithm)
         )
+        self.theta_template = abstract_theta(system, theta)
+        self.algorithm, self.params = common.make_algorithm(
+            KeyedOpenES
+            if algorithm == "Open_ES" or algorithm is Open_ES
+            else algorithm,
+            population_size=self.population_size,
+            solution=zeros(self.theta_template),
+            std=self.std,
+            optimizer=self.optimizer,
+            fitness_shaping=fitness_shaping,
+            **dict(algorithm_kwargs or {}),
+        )
+        self.num_dims = int(self.algorithm.num_dims)
+        #: flat (D,) -> theta pytree
+        self.unravel = self.algorithm._unravel_solution
+        self.antithetic = common.is_antithetic(self.algorithm)
         self.step = jax.jit(self._step)
-
-    def _build(self, theta):
-        if self.algorithm is None:
-            algorithm, params = common.make_algorithm(
-                self._algorithm_name,
-                population_size=self.population_size,
-                solution=theta,
-                std=self.std,
-                optimizer=self.optimizer,
-                fitness_shaping=self._fitness_shaping,
-                **self._algorithm_kwargs,
-            )
-            self.antithetic = common.is_antithetic(algorithm)
-            self.algorithm, self.params = algorithm, params
+        self.gradient = jax.jit(self._gradient)
 
     @property
     def keyed(self) -> bool:
         """Whether particles regenerate their perturbations from keys (Open_ES)."""
         return isinstance(self.algorithm, KeyedOpenES)
 
+    def _make_state(self, key: jax.Array, theta) -> ESState:
+        es_state = self.algorithm.init(key, theta, self.params)
+        state = ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
+        return common.strong_types(state)
+
+    def state_template(self) -> ESState:
+        """The abstract state of `init` (shapes and dtypes only)."""
+        return jax.eval_shape(self._make_state, jax.random.key(0), self.theta_template)
+
     def init(self, key: jax.Array, theta) -> ESState:
         """ES state centred on `theta`."""
-        self._build(theta)
+        check_theta(self.theta_template, theta)
         # checked on shapes first: nothing large exists before the check passes
         common.check_population_memory(
             self.system,
             theta,
             self.population_size,
             self.mesh,
-            jax.eval_shape(lambda k: self.algorithm.init(k, theta, self.params), key),
+            jax.eval_shape(self._make_state, key, theta).es_state,
             theta_copies=1 if self.keyed else 2,
         )
-        es_state = self.algorithm.init(key, theta, self.params)
-        state = ESState(es_state=es_state, iteration=jnp.zeros((), jnp.int32))
-        return sharding.put_replicated(common.strong_types(state), self.mesh)
+        return sharding.put_replicated(self._make_state(key, theta), self.mesh)
 
     def theta(self, state: ESState):
         """The current mean meta-parameters."""
@@ -272,18 +287,10 @@ class FullES:
 
     def _gradient(self, key, state: ESState):
         grad, state, metrics = self.estimate(key, state)
-        return self.algorithm._unravel_solution(grad), {
+        return self.unravel(grad), {
             "state": state,
             "metrics": metrics,
         }
-
-    @property
-    def gradient(self):
-        """Jitted `gradient(key, state) -> (grad, {"state", "metrics"})`: the raw
-        estimate as a theta-shaped pytree (Open_ES only), theta not moved."""
-        if getattr(self, "_jit_gradient", None) is None:
-            self._jit_gradient = jax.jit(self._gradient)
-        return self._jit_gradient
 
     def _keyed_fitness(self, key_ask, keys, es_state):
         """Each particle builds its theta from (key_ask, its index) where it runs."""

@@ -107,6 +107,7 @@ class KeyedOpenES(Open_ES):
         return state.mean + state.std * self.noise(key_ask, index)
 
     def _ask(self, key: jax.Array, state: State, params: Params):
+        del params  # evosax's signature: the population needs none
         indices = jnp.arange(self.population_size)
         population = jax.vmap(lambda i: self.perturbation(state, key, i))(indices)
         return population, state
