@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from es_l2o import checkpoint as ckpt
+from es_l2o import sharding
 
 
 class MetaTrainResult(NamedTuple):
@@ -151,15 +152,12 @@ def _snapshot_tree(snapshot: Snapshot) -> dict:
 
 
 def snapshot_template(estimator, theta, key: jax.Array, *, validation: bool) -> dict:
-    """The abstract checkpoint tree of a run (`jax.eval_shape` of the estimator's init).
-
-    Builds the estimator (its evosax algorithm) concretely first where needed: doing
-    that under tracing would store tracers in it.
-    """
+    """The abstract checkpoint tree of a run: the shapes, dtypes and shardings of
+    the estimator's init (run concretely: building its evosax algorithm under
+    tracing would store tracers in it, and the shardings are those of its mesh)."""
     key_init, key_steps = _split_run_key(key)
-    if getattr(estimator, "algorithm", None) is None:
-        estimator.init(key_init, theta)
-    state = jax.eval_shape(estimator.init, key_init, theta)
+    # shapes with every leaf's sharding: a checkpoint is restored onto the mesh
+    state = sharding.abstract(estimator.init(key_init, theta))
     shapes = jax.eval_shape(lambda: (key_steps, theta))
     return _snapshot_tree(
         Snapshot(state, shapes[0], 0, 0, shapes[1] if validation else None)

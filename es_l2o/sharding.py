@@ -26,15 +26,105 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 POPULATION_AXIS = "population"
 
 
+#: the `sharding` config keys passed on to `jax.distributed.initialize`
+PROCESS_KEYS = (
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "heartbeat_timeout_seconds",
+)
+
+
 def initialize_distributed(enabled: bool, **kwargs) -> None:
-    """Starts JAX's multi-host runtime (`jax.distributed.initialize`) when enabled.
+    """Starts JAX's multi-controller runtime (`jax.distributed.initialize`) when
+    enabled; keyword arguments that are None are left to JAX to detect.
 
     Call it before anything else touches JAX devices. On a cluster (SLURM, TPU pods,
-    Open MPI) the coordinator, process count and process id are detected; pass
-    `coordinator_address`, `num_processes`, `process_id` elsewhere.
+    Open MPI, Kubernetes) the coordinator, process count and process id are detected;
+    elsewhere pass `coordinator_address` ("HOST:PORT" of process 0), `num_processes`
+    and `process_id`. CPU devices of different processes talk through gloo (TCP).
     """
-    if enabled:
-        jax.distributed.initialize(**kwargs)
+    if not enabled or jax.distributed.is_initialized():
+        return
+    # cross-process collectives on CPU; GPUs and TPUs use their own (NCCL, ICI)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        **{k: v for k, v in kwargs.items() if v is not None and v != ""}
+    )
+
+
+def start_processes(settings) -> bool:
+    """Starts the multi-controller runtime as a run's `sharding` settings say.
+
+    It starts when `distributed` is true or any of `coordinator_address`,
+    `num_processes`, `process_id` is given; returns whether it did.
+
+    Example:
+        >>> start_processes({"num_devices": None, "distributed": False})
+        False
+    """
+    settings = dict(settings or {})
+    given = {k: settings.get(k) for k in PROCESS_KEYS}
+    given = {k: v for k, v in given.items() if v is not None and v != ""}
+    for name in ("num_processes", "process_id", "heartbeat_timeout_seconds"):
+        value = given.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"sharding.{name} must be an integer, got {value!r}")
+    enabled = bool(settings.get("distributed")) or bool(
+        set(given) - {"heartbeat_timeout_seconds"}
+    )
+    initialize_distributed(enabled, **given)
+    return enabled
+
+
+def process_index() -> int:
+    """This process's index (0 in a one-process run)."""
+    return jax.process_index()
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Waits until every process has reached `sync(name)` (nothing to do alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def put_global(x, target: jax.sharding.Sharding) -> jax.Array:
+    """Places a host value (the same in every process) with `target`'s sharding;
+    each process provides only the shards of its own devices."""
+    x = np.asarray(jax.device_get(x)) if not isinstance(x, np.ndarray) else x
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def abstract(tree):
+    """`jax.ShapeDtypeStruct`s of `tree`'s arrays, each with the array's sharding."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
+
+
+def replicated_everywhere(devices: Sequence | None = None) -> NamedSharding:
+    """Whole arrays on every device of every process."""
+    devices = list(jax.devices() if devices is None else devices)
+    return NamedSharding(Mesh(np.asarray(devices), (POPULATION_AXIS,)), PartitionSpec())
+
+
+def fetch(x) -> np.ndarray:
+    """A host copy of `x`: its own value where this process holds all of it (a
+    fully replicated or local array), else gathered from every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def population_mesh(
@@ -227,12 +317,37 @@ def put_replicated(tree, mesh: Mesh | None):
     that a state from `init` has the sharding a jitted step returns (no recompile)."""
     if mesh is None:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def put(tree, target: jax.sharding.Sharding):
+    """`jax.device_put(tree, target)` that also works where `target` spans several
+    processes: each process then provides only its own devices' shards (leaves that
+    are the same in every process, as an estimator's `init` makes them)."""
+    if target.is_fully_addressable:
+        return jax.device_put(tree, target)
+
+    def place(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key
+        ):
+            impl = jax.random.key_impl(x)
+            data = put_global(jax.random.key_data(x), _key_data_sharding(target, x))
+            return jax.random.wrap_key_data(data, impl=impl)
+        return put_global(x, target)
+
+    return jax.tree.map(place, tree)
+
+
+def _key_data_sharding(target, key):
+    """`target` for a key array's data (one trailing axis more, never split)."""
+    spec = tuple(target.spec) + (None,) * (key.ndim + 1 - len(target.spec))
+    return NamedSharding(target.mesh, PartitionSpec(*spec))
 
 
 def device_memory_bytes(device=None) -> int | None:
     """Memory one device can use: the allocator's limit, or host RAM for a CPU."""
-    device = jax.devices()[0] if device is None else device
+    device = jax.local_devices()[0] if device is None else device
     stats = None
     try:
         stats = device.memory_stats()
