@@ -218,7 +218,16 @@ def _digest(tree) -> str:
     """SHA-256 over every leaf's path, dtype, shape and word sums (`_word_sums`),
     computed where the leaves live: nothing is gathered."""
     leaves = jax.tree.leaves(tree)
-    sums = _word_sums(leaves) if leaves else []
+    groups: dict[tuple, list[int]] = {}  # one computation per set of devices
+    for i, leaf in enumerate(leaves):
+        where = leaf.sharding.device_set if isinstance(leaf, jax.Array) else ()
+        groups.setdefault(tuple(sorted(d.id for d in where)), []).append(i)
+    sums = [None] * len(leaves)
+    for indices in groups.values():
+        for i, words in zip(
+            indices, _word_sums([leaves[i] for i in indices]), strict=True
+        ):
+            sums[i] = words
     h = hashlib.sha256()
     for (path, dtype, shape), words in zip(_leaf_table(tree), sums, strict=True):
         h.update(json.dumps([path, dtype, shape]).encode())
@@ -555,7 +564,11 @@ def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     record = _check_record(
         repr(str(path)), _restore(path, meta=ocp.args.JsonRestore())["meta"]
     )
-    state = _restore(path, state=ocp.args.StandardRestore())["state"]
+    # onto this process's first device, whatever topology wrote it
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = _restore(path, state=ocp.args.StandardRestore(fallback_sharding=here))[
+        "state"
+    ]
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     return record, {
         jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in flat

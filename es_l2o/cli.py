@@ -380,6 +380,31 @@ def _start_processes(cfg) -> None:
         raise UsageError(str(err)) from None
 
 
+#: exit status of a process whose run lost another process
+LOST_PROCESS_EXIT = 3
+
+
+def _stop_after_lost_process(err, run_dir: Path, checkpoint_dir: Path) -> None:
+    """Ends this process of a multi-process run whose collectives failed (another
+    process died): one message, then `os._exit`, since JAX's shutdown barrier at
+    exit would wait for the lost process and abort with its own fatal error."""
+    import jax
+
+    from es_l2o import checkpoint as ckpt
+
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    print(
+        f"es-l2o-train: error: process {jax.process_index()} of "
+        f"{jax.process_count()} stops: the run lost another process ({first}). "
+        f"Last checkpoint: {ckpt.latest(checkpoint_dir)}. Start every process "
+        f"again with resume={run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(LOST_PROCESS_EXIT)
+
+
 def run_train(cfg) -> Path:
     """Meta-trains, exports and evaluates as `cfg` says; returns the run directory.
 
@@ -522,6 +547,10 @@ def run_train(cfg) -> Path:
         ) from None
     except NonFiniteThetaError as err:
         raise _Stopped(str(err), 1) from None
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        _stop_after_lost_process(err, run_dir, checkpoint_dir)
     train_seconds = time.perf_counter() - start
     if not main:  # process 0 exports and evaluates
         return run_dir

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -87,12 +88,28 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """Waits until every process has reached `sync(name)` (nothing to do alone)."""
-    if jax.process_count() > 1:
+def sync(name: str, timeout_s: float = 600.0) -> None:
+    """Waits until every process has reached `sync(name)` (nothing to do alone).
+
+    A barrier of JAX's coordination service, not a collective on the devices: no
+    program to compile, and a timeout of its own (gloo gives processes only 30 s to
+    meet at a first collective).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    name = f"{name} #{next(_BARRIERS)}"  # a barrier's name serves once
+    if client is None:  # a runtime started some other way
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+_BARRIERS = itertools.count()
 
 
 def put_global(x, target: jax.sharding.Sharding) -> jax.Array:
