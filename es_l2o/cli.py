@@ -395,7 +395,8 @@ def _stop_after_lost_process(err, run_dir: Path, checkpoint_dir: Path) -> None:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     print(
         f"es-l2o-train: error: process {jax.process_index()} of "
-        f"{jax.process_count()} stops: the run lost another process ({first}). "
+        f"{jax.process_count()} stops: the run lost another process (a collective "
+        f"with the others failed: {first}). "
         f"Last checkpoint: {ckpt.latest(checkpoint_dir)}. Start every process "
         f"again with resume={run_dir}",
         file=sys.stderr,

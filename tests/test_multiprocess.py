@@ -310,3 +310,19 @@ def test_one_process_resumes_a_two_process_checkpoint(runs):
     for x, y in zip(_theta(half), _theta(full2.run_dir), strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
     assert len(_records(half)) == N
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sharding.num_processes=two", "sharding.num_processes must be an integer"),
+        ("sharding.process_id=true", "sharding.process_id must be an integer"),
+    ],
+)
+def test_bad_process_settings_are_one_clear_line(override, message, capsys, tmp_path):
+    from es_l2o.cli import train_main
+
+    assert train_main([*TINY, f"run_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not jax.distributed.is_initialized()
