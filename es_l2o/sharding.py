@@ -6,6 +6,11 @@ so each device trains its own slice of the population, while the ES state and th
 mean meta-parameters stay replicated. Fitness reductions in `tell` become
 all-reduces. The same code runs on one CPU, a GPU, or a TPU pod.
 
+Over several processes (`start_processes`: JAX's multi-controller runtime) the mesh
+spans every process's devices; arrays are placed with `put` (each process provides
+only its own devices' shards), read back with `fetch`, and process 0 alone writes
+files (`is_main_process`).
+
 Example:
     >>> mesh = population_mesh()            # every device
     >>> check_population(16, mesh)          # raises unless 16 splits evenly
@@ -76,11 +81,6 @@ def start_processes(settings) -> bool:
     )
     initialize_distributed(enabled, **given)
     return enabled
-
-
-def process_index() -> int:
-    """This process's index (0 in a one-process run)."""
-    return jax.process_index()
 
 
 def is_main_process() -> bool:
@@ -348,17 +348,17 @@ def put(tree, target: jax.sharding.Sharding):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
             x.dtype, jax.dtypes.prng_key
         ):
-            impl = jax.random.key_impl(x)
-            data = put_global(jax.random.key_data(x), _key_data_sharding(target, x))
-            return jax.random.wrap_key_data(data, impl=impl)
+            data = jax.random.key_data(x)
+            data = put_global(data, _trailing_whole(target, data.ndim))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         return put_global(x, target)
 
     return jax.tree.map(place, tree)
 
 
-def _key_data_sharding(target, key):
-    """`target` for a key array's data (one trailing axis more, never split)."""
-    spec = tuple(target.spec) + (None,) * (key.ndim + 1 - len(target.spec))
+def _trailing_whole(target: NamedSharding, ndim: int) -> NamedSharding:
+    """`target` for an array of `ndim` axes (a key's data: trailing axes whole)."""
+    spec = tuple(target.spec) + (None,) * (ndim - len(target.spec))
     return NamedSharding(target.mesh, PartitionSpec(*spec))
 
 
