@@ -9,6 +9,15 @@ holds the arrays (each process writes the shards it holds), `meta/` a JSON recor
 dtype and shape, and a SHA-256 over the leaves). Typed PRNG keys are stored as their
 raw key data and rewrapped with their implementation.
 
+In a run over several processes (`jax.distributed`) every process calls `save` and
+`load`: each writes and reads only the shards of its own devices (arrays spread over
+hosts never gather anywhere), process 0 writes the record and, once every process has
+finished, the seal. The leaves' checksum is computed on the devices where the arrays
+live (integer sums of mixed words, the same for any sharding), so a checkpoint of two
+processes loads in one and the other way round. `load` places each leaf with the
+sharding its template leaf carries (`jax.ShapeDtypeStruct(..., sharding=...)`), e.g.
+onto the estimator's mesh.
+
 Orbax writes a checkpoint into a temporary folder and renames it when complete; then
 `files.sha256.json` (the seal) lists the SHA-256 of each of its files. A checkpoint
 without a seal does not count, so a kill at any moment leaves the old set of
@@ -40,9 +49,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import es_l2o
+from es_l2o import sharding
 from es_l2o.export import OptimizerFileError
 from es_l2o.files import remove_temp_files, write_atomic
 
@@ -54,6 +65,9 @@ _NAME = re.compile(r"^" + PREFIX + r"_(\d{8,})$")
 SEAL = "files.sha256.json"
 #: PRNG implementations a checkpoint may name for its typed keys
 KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+#: the record's "checksum": how its "sha256" over the leaves is computed (records
+#: without one hash every leaf's bytes on the host, as es_l2o did before)
+CHECKSUM = "sha256 of per-leaf device word sums"
 
 
 class CheckpointError(OptimizerFileError):
@@ -154,15 +168,89 @@ def _leaf_table(tree) -> list[list]:
     ]
 
 
-def _digest(tree) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes, in flattening order."""
+def _digest_bytes(tree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (gathered on the host):
+    the checksum of records without a "checksum" entry."""
     h = hashlib.sha256()
     for (path, dtype, shape), leaf in zip(
         _leaf_table(tree), jax.tree.leaves(tree), strict=True
     ):
         h.update(json.dumps([path, dtype, shape]).encode())
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+        h.update(sharding.fetch(leaf).tobytes())
     return h.hexdigest()
+
+
+def _mix(h):
+    """murmur3's finaliser on uint32 words."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x):
+    """A leaf's raw bits as a flat uint32 vector (one word per 1-, 2- or 4-byte
+    element, two per 8-byte one)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = np.dtype(x.dtype).itemsize
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _word_sums(leaves):
+    """Two uint32 sums per leaf of its words mixed with their positions. Integer
+    sums wrap exactly in any order, so they do not depend on how the leaf is split
+    over devices and processes; each device sums its own shard."""
+    out = []
+    for leaf in leaves:
+        w = _words(leaf)
+        i = jnp.arange(w.size, dtype=jnp.uint32)
+        a = _mix(w ^ _mix(i * np.uint32(0x9E3779B9) + np.uint32(1)))
+        b = _mix((w + np.uint32(0x7F4A7C15)) ^ _mix(i ^ np.uint32(0x5BD1E995)))
+        out.append(
+            jnp.stack([jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)])
+        )
+    return out
+
+
+def _digest(tree) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and word sums (`_word_sums`),
+    computed where the leaves live: nothing is gathered."""
+    leaves = jax.tree.leaves(tree)
+    groups: dict[tuple, list[int]] = {}  # one computation per set of devices
+    for i, leaf in enumerate(leaves):
+        where = leaf.sharding.device_set if isinstance(leaf, jax.Array) else ()
+        groups.setdefault(tuple(sorted(d.id for d in where)), []).append(i)
+    sums = [None] * len(leaves)
+    for indices in groups.values():
+        for i, words in zip(
+            indices, _word_sums([leaves[i] for i in indices]), strict=True
+        ):
+            sums[i] = words
+    h = hashlib.sha256()
+    for (path, dtype, shape), words in zip(_leaf_table(tree), sums, strict=True):
+        h.update(json.dumps([path, dtype, shape]).encode())
+        h.update(sharding.fetch(words).astype("<u4").tobytes())
+    return h.hexdigest()
+
+
+def _global(tree):
+    """In a run over several processes, leaves that each process holds whole and
+    alone (keys, the initial theta: the same in every process) become arrays
+    replicated over every device, which Orbax writes once; others are kept."""
+    if jax.process_count() == 1:
+        return tree
+    everywhere = sharding.replicated_everywhere()
+
+    def convert(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return leaf
+        return sharding.put_global(np.asarray(jax.device_get(leaf)), everywhere)
+
+    return jax.tree.map(convert, tree)
 
 
 def _file_digests(path: Path) -> dict[str, str]:
@@ -246,6 +334,7 @@ def save(
 
     directory = Path(directory)
     data, impls = _unkey(tree)
+    data = _global(data)
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -255,14 +344,17 @@ def save(
         "key_impls": impls,
         "metadata": dict(metadata or {}),
         "leaves": _leaf_table(data),
+        "checksum": CHECKSUM,
         "sha256": _digest(data),
     }
     try:
         json.dumps(record)
     except TypeError as err:
         raise ValueError(f"metadata must be JSON-serialisable: {err}") from None
-    remove_temp_files(directory)  # of the earlier file format's killed writes
-    _remove_unsealed(directory)
+    if sharding.is_main_process():
+        remove_temp_files(directory)  # of the earlier file format's killed writes
+        _remove_unsealed(directory)
+    sharding.sync(f"es_l2o.checkpoint.save {iteration}: cleaned")
     with _manager(directory, keep) as manager:
         manager.save(
             int(iteration),
@@ -273,7 +365,11 @@ def save(
         )
         manager.wait_until_finished()
     path = checkpoint_path(directory, iteration)
-    _seal(path)
+    # every process's shards are written (Orbax finalises after all of them)
+    sharding.sync(f"es_l2o.checkpoint.save {iteration}: written")
+    if sharding.is_main_process():
+        _seal(path)
+    sharding.sync(f"es_l2o.checkpoint.save {iteration}: sealed")
     return path
 
 
@@ -342,12 +438,49 @@ def _check_leaves(source: str, stored: list, template) -> None:
             )
 
 
-def _on_default_device(template):
-    device = jax.devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
+def _targets(template):
+    """`template` with a sharding on every leaf: the template leaf's own, else the
+    default device (alone) or every device (several processes: `_localise` then
+    gives each process its own copy, as it had when saving)."""
+    if jax.process_count() == 1:
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        default = sharding.replicated_everywhere()
+
+    def target(x):
+        where = getattr(x, "sharding", None)
+        where = default if where is None else where
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+
+    return jax.tree.map(target, template)
+
+
+def _localise(tree, template):
+    """Leaves restored onto every device for a template leaf without a sharding, as
+    this process's own single-device arrays (several processes only)."""
+    if jax.process_count() == 1:
+        return tree
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template
+        lambda x, t: (
+            x if getattr(t, "sharding", None) is not None else x.addressable_data(0)
+        ),
+        tree,
+        template,
     )
+
+
+def _key_data_template(leaf):
+    """The abstract key data of an abstract typed key, with the key's sharding."""
+    shape = jax.eval_shape(jax.random.key_data, leaf)
+    where = getattr(leaf, "sharding", None)
+    if isinstance(where, jax.sharding.NamedSharding):
+        spec = tuple(where.spec) + (None,) * (shape.ndim - len(where.spec))
+        where = jax.sharding.NamedSharding(
+            where.mesh, jax.sharding.PartitionSpec(*spec)
+        )
+    elif where is not None and not isinstance(where, jax.sharding.SingleDeviceSharding):
+        where = None
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
 
 
 def load(path: str | os.PathLike, template) -> Checkpoint:
@@ -356,7 +489,9 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
     Args:
         path: a checkpoint folder, or a folder of checkpoints (its newest is read).
         template: the expected pytree, e.g. `jax.eval_shape` of the estimator's
-            `init`; every leaf's path, shape and dtype is checked against it.
+            `init`; every leaf's path, shape and dtype is checked against it. Leaves
+            that carry a sharding are restored with it (each process reading only
+            its own devices' shards); others go to the default device.
 
     Raises:
         CheckpointError: no checkpoint there, or one that is corrupted, truncated, of
@@ -381,7 +516,7 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
     def data_template(path_, leaf):
         if _is_key(leaf):
             expected_impls[jax.tree_util.keystr(path_)] = _key_impl_name(leaf.dtype)
-            return jax.eval_shape(jax.random.key_data, leaf)
+            return _key_data_template(leaf)
         return leaf
 
     plain = jax.tree_util.tree_map_with_path(data_template, template)
@@ -391,12 +526,14 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
             f"{expected_impls!r}"
         )
     _check_leaves(source, record["leaves"], plain)
-    target = _on_default_device(plain)
+    target = _targets(plain)
     restored = _restore(path, state=ocp.args.StandardRestore(target))["state"]
-    if _digest(restored) != record.get("sha256"):
+    digest = _digest if record.get("checksum") == CHECKSUM else _digest_bytes
+    if digest(restored) != record.get("sha256"):
         raise CheckpointError(
             f"{source} is corrupted: its SHA-256 checksum does not match"
         )
+    restored = _localise(restored, plain)
 
     def rewrap(path_, leaf):
         impl = expected_impls.get(jax.tree_util.keystr(path_))
@@ -427,7 +564,11 @@ def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     record = _check_record(
         repr(str(path)), _restore(path, meta=ocp.args.JsonRestore())["meta"]
     )
-    state = _restore(path, state=ocp.args.StandardRestore())["state"]
+    # onto this process's first device, whatever topology wrote it
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = _restore(path, state=ocp.args.StandardRestore(fallback_sharding=here))[
+        "state"
+    ]
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     return record, {
         jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in flat

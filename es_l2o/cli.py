@@ -322,6 +322,8 @@ def train_config(argv: list[str]):
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     saved.run_dir = str(run_dir)
     saved.resume = str(run_dir)
+    # how this launch spreads over processes and devices, not the run's config.yaml
+    saved.sharding = cfg.sharding
     return saved
 
 
@@ -364,6 +366,46 @@ def _mesh_kwargs(cfg, make_estimator) -> dict:
         raise UsageError(f"sharding.num_devices: {err}") from None
 
 
+def _start_processes(cfg) -> None:
+    """Starts JAX's multi-controller runtime as `cfg.sharding` says (one process of
+    a run over several processes or hosts); nothing for a one-process run."""
+    from omegaconf import OmegaConf
+
+    from es_l2o import sharding
+
+    settings = OmegaConf.select(cfg, "sharding") or {}
+    try:
+        sharding.start_processes(OmegaConf.to_container(settings, resolve=True))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+#: exit status of a process whose run lost another process
+LOST_PROCESS_EXIT = 3
+
+
+def _stop_after_lost_process(err, run_dir: Path, checkpoint_dir: Path) -> None:
+    """Ends this process of a multi-process run whose collectives failed (another
+    process died): one message, then `os._exit`, since JAX's shutdown barrier at
+    exit would wait for the lost process and abort with its own fatal error."""
+    import jax
+
+    from es_l2o import checkpoint as ckpt
+
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    print(
+        f"es-l2o-train: error: process {jax.process_index()} of "
+        f"{jax.process_count()} stops: the run lost another process (a collective "
+        f"with the others failed: {first}). "
+        f"Last checkpoint: {ckpt.latest(checkpoint_dir)}. Start every process "
+        f"again with resume={run_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(LOST_PROCESS_EXIT)
+
+
 def run_train(cfg) -> Path:
     """Meta-trains, exports and evaluates as `cfg` says; returns the run directory.
 
@@ -381,9 +423,8 @@ def run_train(cfg) -> Path:
     from es_l2o.unroll import LOptTraining
 
     # the multi-host runtime must start before anything touches a JAX device
-    sharding.initialize_distributed(
-        bool(OmegaConf.select(cfg, "sharding.distributed", default=False))
-    )
+    _start_processes(cfg)
+    main = sharding.is_main_process()  # process 0 alone writes the run's files
     resuming = cfg.get("resume") not in (None, "")
     num_iterations = _positive_int(cfg, "num_iterations")
     checkpoint_every = _count(cfg, "checkpoint_every", 0)
@@ -435,9 +476,10 @@ def run_train(cfg) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["resume"] = None
-    for folder in (run_dir, checkpoint_dir):  # what killed writes left behind
-        files.remove_temp_files(folder)
-    files.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
+    if main:
+        for folder in (run_dir, checkpoint_dir):  # what killed writes left behind
+            files.remove_temp_files(folder)
+        files.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
     print(f"run directory: {run_dir}", flush=True)
     if resuming:
         print(f"resuming from {newest}", flush=True)
@@ -448,7 +490,9 @@ def run_train(cfg) -> Path:
     checkpoint_path = run_dir / "theta.safetensors"
 
     def on_checkpoint(iteration, state):
-        export.save(checkpoint_path, lopt, estimator.theta(state), iteration=iteration)
+        theta = estimator.theta(state)
+        if main:
+            export.save(checkpoint_path, lopt, theta, iteration=iteration)
 
     validate = None
     every = int(cfg.meta_validation.every)
@@ -465,8 +509,8 @@ def run_train(cfg) -> Path:
             theta0,
             key=key_meta,
             num_iterations=num_iterations,
-            metrics_path=run_dir / "metrics.jsonl",
-            progress=progress,
+            metrics_path=run_dir / "metrics.jsonl" if main else None,
+            progress=progress and main,
             on_checkpoint=on_checkpoint,
             checkpoint_every=checkpoint_every,
             validate=validate,
@@ -475,7 +519,7 @@ def run_train(cfg) -> Path:
             checkpoint_keep=checkpoint_keep,
             checkpoint_metadata={"seed": int(cfg.seed)},
             resume=checkpoint_dir if resuming else None,
-            tensorboard_dir=run_dir / "tensorboard" if tensorboard else None,
+            tensorboard_dir=run_dir / "tensorboard" if tensorboard and main else None,
         )
     except ckpt.CheckpointError as err:
         older = ckpt.checkpoints(checkpoint_dir)[:-1]
@@ -504,7 +548,13 @@ def run_train(cfg) -> Path:
         ) from None
     except NonFiniteThetaError as err:
         raise _Stopped(str(err), 1) from None
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        _stop_after_lost_process(err, run_dir, checkpoint_dir)
     train_seconds = time.perf_counter() - start
+    if not main:  # process 0 exports and evaluates
+        return run_dir
     horizon = system.max_horizon
     optimizer_path = run_dir / "optimizer.safetensors"
     export.save(

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from es_l2o import checkpoint as ckpt
+from es_l2o import sharding
 
 
 class MetaTrainResult(NamedTuple):
@@ -151,10 +152,12 @@ def _snapshot_tree(snapshot: Snapshot) -> dict:
 
 
 def snapshot_template(estimator, theta, key: jax.Array, *, validation: bool) -> dict:
-    """The abstract checkpoint tree of a run (`jax.eval_shape` of the estimator's init:
-    every estimator builds what it needs in its constructor, so this makes nothing)."""
+    """The abstract checkpoint tree of a run: the shapes, dtypes and shardings of
+    the estimator's initial state (every estimator builds what it needs in its
+    constructor; init runs concretely so that each leaf keeps its mesh sharding,
+    onto which a checkpoint is restored)."""
     key_init, key_steps = _split_run_key(key)
-    state = jax.eval_shape(estimator.init, key_init, theta)
+    state = sharding.abstract(estimator.init(key_init, theta))
     shapes = jax.eval_shape(lambda: (key_steps, theta))
     return _snapshot_tree(
         Snapshot(state, shapes[0], 0, 0, shapes[1] if validation else None)

@@ -6,6 +6,11 @@ so each device trains its own slice of the population, while the ES state and th
 mean meta-parameters stay replicated. Fitness reductions in `tell` become
 all-reduces. The same code runs on one CPU, a GPU, or a TPU pod.
 
+Over several processes (`start_processes`: JAX's multi-controller runtime) the mesh
+spans every process's devices; arrays are placed with `put` (each process provides
+only its own devices' shards), read back with `fetch`, and process 0 alone writes
+files (`is_main_process`).
+
 Example:
     >>> mesh = population_mesh()            # every device
     >>> check_population(16, mesh)          # raises unless 16 splits evenly
@@ -15,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -26,15 +32,118 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 POPULATION_AXIS = "population"
 
 
+#: the `sharding` config keys passed on to `jax.distributed.initialize`
+PROCESS_KEYS = (
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "heartbeat_timeout_seconds",
+)
+
+
 def initialize_distributed(enabled: bool, **kwargs) -> None:
-    """Starts JAX's multi-host runtime (`jax.distributed.initialize`) when enabled.
+    """Starts JAX's multi-controller runtime (`jax.distributed.initialize`) when
+    enabled; keyword arguments that are None are left to JAX to detect.
 
     Call it before anything else touches JAX devices. On a cluster (SLURM, TPU pods,
-    Open MPI) the coordinator, process count and process id are detected; pass
-    `coordinator_address`, `num_processes`, `process_id` elsewhere.
+    Open MPI, Kubernetes) the coordinator, process count and process id are detected;
+    elsewhere pass `coordinator_address` ("HOST:PORT" of process 0), `num_processes`
+    and `process_id`. CPU devices of different processes talk through gloo (TCP).
     """
-    if enabled:
-        jax.distributed.initialize(**kwargs)
+    if not enabled or jax.distributed.is_initialized():
+        return
+    # cross-process collectives on CPU; GPUs and TPUs use their own (NCCL, ICI)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        **{k: v for k, v in kwargs.items() if v is not None and v != ""}
+    )
+
+
+def start_processes(settings) -> bool:
+    """Starts the multi-controller runtime as a run's `sharding` settings say.
+
+    It starts when `distributed` is true or any of `coordinator_address`,
+    `num_processes`, `process_id` is given; returns whether it did.
+
+    Example:
+        >>> start_processes({"num_devices": None, "distributed": False})
+        False
+    """
+    settings = dict(settings or {})
+    given = {k: settings.get(k) for k in PROCESS_KEYS}
+    given = {k: v for k, v in given.items() if v is not None and v != ""}
+    for name in ("num_processes", "process_id", "heartbeat_timeout_seconds"):
+        value = given.get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ValueError(f"sharding.{name} must be an integer, got {value!r}")
+    enabled = bool(settings.get("distributed")) or bool(
+        set(given) - {"heartbeat_timeout_seconds"}
+    )
+    initialize_distributed(enabled, **given)
+    return enabled
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str, timeout_s: float = 600.0) -> None:
+    """Waits until every process has reached `sync(name)` (nothing to do alone).
+
+    A barrier of JAX's coordination service, not a collective on the devices: no
+    program to compile, and a timeout of its own (gloo gives processes only 30 s to
+    meet at a first collective).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    name = f"{name} #{next(_BARRIERS)}"  # a barrier's name serves once
+    if client is None:  # a runtime started some other way
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+_BARRIERS = itertools.count()
+
+
+def put_global(x, target: jax.sharding.Sharding) -> jax.Array:
+    """Places a host value (the same in every process) with `target`'s sharding;
+    each process provides only the shards of its own devices."""
+    x = np.asarray(jax.device_get(x)) if not isinstance(x, np.ndarray) else x
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def abstract(tree):
+    """`jax.ShapeDtypeStruct`s of `tree`'s arrays, each with the array's sharding."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
+
+
+def replicated_everywhere(devices: Sequence | None = None) -> NamedSharding:
+    """Whole arrays on every device of every process."""
+    devices = list(jax.devices() if devices is None else devices)
+    return NamedSharding(Mesh(np.asarray(devices), (POPULATION_AXIS,)), PartitionSpec())
+
+
+def fetch(x) -> np.ndarray:
+    """A host copy of `x`: its own value where this process holds all of it (a
+    fully replicated or local array), else gathered from every process."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def population_mesh(
@@ -227,12 +336,37 @@ def put_replicated(tree, mesh: Mesh | None):
     that a state from `init` has the sharding a jitted step returns (no recompile)."""
     if mesh is None:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def put(tree, target: jax.sharding.Sharding):
+    """`jax.device_put(tree, target)` that also works where `target` spans several
+    processes: each process then provides only its own devices' shards (leaves that
+    are the same in every process, as an estimator's `init` makes them)."""
+    if target.is_fully_addressable:
+        return jax.device_put(tree, target)
+
+    def place(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+            x.dtype, jax.dtypes.prng_key
+        ):
+            data = jax.random.key_data(x)
+            data = put_global(data, _trailing_whole(target, data.ndim))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return put_global(x, target)
+
+    return jax.tree.map(place, tree)
+
+
+def _trailing_whole(target: NamedSharding, ndim: int) -> NamedSharding:
+    """`target` for an array of `ndim` axes (a key's data: trailing axes whole)."""
+    spec = tuple(target.spec) + (None,) * (ndim - len(target.spec))
+    return NamedSharding(target.mesh, PartitionSpec(*spec))
 
 
 def device_memory_bytes(device=None) -> int | None:
     """Memory one device can use: the allocator's limit, or host RAM for a CPU."""
-    device = jax.devices()[0] if device is None else device
+    device = jax.local_devices()[0] if device is None else device
     stats = None
     try:
         stats = device.memory_stats()

@@ -611,3 +611,51 @@ def test_resume_from_a_corrupted_checkpoint_is_refused(runs, tmp_path, capsys):
     shutil.rmtree(run_dir / "checkpoints")
     err = _refused([f"resume={run_dir}"], capsys)
     assert "no checkpoint in" in err
+
+
+# ------------------------------------------------------------------------------------
+# a one-process run over several devices resumes onto its mesh
+
+MESH_RESUME = """
+import jax, tempfile
+from es_l2o.es import PES
+from es_l2o.lopt import MLPLOpt
+from es_l2o.meta import load_snapshot, meta_train
+from es_l2o.sharding import population_mesh
+from es_l2o.unroll import LOptTraining
+from populations.quadratic import QuadraticFamily
+
+assert jax.device_count() == 8
+lopt = MLPLOpt(hidden_sizes=(4,))
+system = LOptTraining(QuadraticFamily(), lopt, horizon=(4, 8), stagger=True)
+es = PES(system, population_size=8, truncation_length=2, mesh=population_mesh())
+theta, key, folder = lopt.init(jax.random.key(1)), jax.random.key(0), tempfile.mkdtemp()
+run = meta_train(es, theta, key=key, num_iterations=1, checkpoint_dir=folder,
+                 progress=False)
+state = load_snapshot(folder, es, theta, key, validation=False).state
+pairs = list(zip(jax.tree.leaves(run.state), jax.tree.leaves(state), strict=True))
+moved = [i for i, (a, b) in enumerate(pairs)
+         if not a.sharding.is_equivalent_to(b.sharding, a.ndim)]
+assert not moved, moved
+assert len(state.inner.step.sharding.device_set) == 8
+print("on the mesh:", len(pairs))
+"""
+
+
+def test_a_multi_device_state_is_restored_onto_its_mesh():
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env.update(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", MESH_RESUME],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on the mesh: 29" in done.stdout
