@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from es_l2o.baselines import sweep
+from es_l2o.baselines import get_baseline, sweep
 from es_l2o.tasks import TaskFamily
 
 #: Adam's learning-rate sweep: 7 points, log-spaced from 1e-4 to 1e-1
@@ -174,12 +174,7 @@ def compare_with_adam(
         _summary({k: v[i] for k, v in sweep.items()})
         for i in range(len(learning_rates))
     ]
-
-    def pick(metric):
-        scores = [row.get(metric, np.inf) for row in per_lr]
-        scores = [s if np.isfinite(s) else np.inf for s in scores]
-        return int(np.argmin(scores))
-
+    pick = lambda metric: _best_index(np.asarray([r[metric] for r in per_lr]))
     train_idx = pick("train_loss")
     val_idx = pick("val_loss") if "val_loss" in per_lr[0] else train_idx
     best = dict(per_lr[val_idx])
@@ -432,6 +427,8 @@ def evaluate_entry(
     """
     if "adam" not in baselines:
         raise ValueError(f"baselines must include 'adam' (speedup), got {baselines}")
+    for name in baselines:
+        get_baseline(name)  # an unknown name fails before anything compiles
     if speedup_cap < 1:
         raise ValueError(f"speedup_cap must be >= 1, got {speedup_cap}")
     horizon = int(entry.horizon)
@@ -492,6 +489,17 @@ def summarize_suite(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+def _row_line(row: dict[str, Any]) -> str:
+    """One line of progress about a suite row."""
+    return (
+        f"{row['name']}: learned {row['learned']['train_loss']:.4g} / "
+        f"adam {row['adam']['train_loss']:.4g} train loss, speedup "
+        f"{row['speedup']['value']:.2f}"
+        f"{'' if row['speedup']['reached'] else ' (never reached)'} "
+        f"[{row['seconds']:.1f}s]"
+    )
+
+
 def evaluate_suite(
     optimizer,
     suite_entries,
@@ -516,8 +524,8 @@ def evaluate_suite(
     Returns:
         {"rows": [row per entry], "summary": summarize_suite(rows), "settings": ...};
         a row has "learned" {train_loss, val_loss, param_norm}, one dict per
-        baseline (per_lr lists, best_lr_train / best_lr_val, train_loss, val_loss,
-        param_norm_train / _val), "speedup" {value, reached, target},
+        baseline (learning_rates, per_lr lists, best_lr_train / _val, train_loss,
+        val_loss, param_norm_train / _val), "speedup" {value, reached, target},
         win_{train,val}_loss_vs_{adam,best}, param_norm_ratio, weight_inflation,
         "curves".
 
@@ -553,13 +561,7 @@ def evaluate_suite(
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         if log is not None:
-            log(
-                f"{entry.name}: learned {row['learned']['train_loss']:.4g} / "
-                f"adam {row['adam']['train_loss']:.4g} train loss, speedup "
-                f"{row['speedup']['value']:.2f}"
-                f"{'' if row['speedup']['reached'] else ' (never reached)'} "
-                f"[{row['seconds']:.1f}s]"
-            )
+            log(_row_line(row))
     return {
         "rows": rows,
         "summary": summarize_suite(rows),

@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
-def test_tiny_run_writes_the_run_directory(tiny_run, capsys):
+def test_tiny_run_writes_the_run_directory(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
     assert {
         "config.yaml",
