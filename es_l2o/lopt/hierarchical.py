@@ -151,7 +151,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         >>> opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
         >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
         >>> state = opt.init(params)
-        >>> updates, state = opt.update(params, state, params, value=jnp.array(1.0))
+        >>> update = jax.jit(opt.update)  # one program, not op by op
+        >>> updates, state = update(params, state, params, value=jnp.array(1.0))
         >>> jax.tree.map(jnp.shape, updates)
         {'b': (3,), 'w': (2, 3)}
     """
