@@ -193,9 +193,11 @@ class VectorTheta(UnrolledSystem):
         self.max_horizon = horizon
 
     def init(self, key, theta):
+        del key, theta
         return {"s": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
 
     def step(self, key, theta, state):
+        del key
         reset = state["step"] >= self.max_horizon
         s = jnp.where(reset, 0.0, state["s"])
         s = 0.9 * s + jnp.mean(theta**2)

@@ -14,10 +14,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 USAGE_ERROR = 2
-#: folded into meta-validation keys; meta-training and evaluation never fold it in
-META_VALIDATION_STREAM = 0x3E7A_0A11
 
 
 class UsageError(Exception):
@@ -106,41 +105,6 @@ def _compare(family, optimizer, num_steps: int, evaluation, out_dir: Path) -> di
     return result
 
 
-def _meta_validation(system, estimator, settings):
-    """theta -> mean meta-loss over fixed meta-validation tasks (one compile)."""
-    import jax
-    import jax.numpy as jnp
-
-    from es_l2o.es.full_es import META_LOSSES, full_unroll
-
-    meta_loss = str(settings.meta_loss)
-    if meta_loss not in META_LOSSES:
-        raise UsageError(
-            f"meta_validation.meta_loss must be one of {META_LOSSES}, got {meta_loss!r}"
-        )
-    if meta_loss == "auto":
-        meta_loss = "validation" if system.has_validation else "train_mean"
-    keys = jax.random.split(
-        jax.random.fold_in(jax.random.key(int(settings.seed)), META_VALIDATION_STREAM),
-        _positive_int(settings, "num_tasks"),
-    )
-    num_steps = system.max_horizon
-
-    @jax.jit
-    def mean_loss(theta):
-        losses, _ = jax.vmap(
-            lambda k: full_unroll(system, theta, k, num_steps, meta_loss)
-        )(keys)
-        return jnp.mean(losses)
-
-    def validate(theta):
-        # from host arrays: one compile whether theta is the initial one or the
-        # estimator's (placed on its mesh, which would compile a second program)
-        return mean_loss(jax.device_get(theta))
-
-    return validate
-
-
 def _is_mixture(population) -> bool:
     """A population of several families with weights (populations.mix)."""
     return hasattr(population, "families") and hasattr(population, "weights")
@@ -194,22 +158,6 @@ def _validation_where_possible(make_estimator):
         return make_estimator(system=system, **kwargs)
 
     return make
-
-
-def _mixture_validation(systems, weights, settings, theta0):
-    """theta -> weighted mean over families of each family's meta-validation loss
-    divided by the initial theta's (1.0 at the start; lower is better)."""
-    import numpy as np
-
-    validators = [_meta_validation(s, None, settings) for s in systems]
-    base = [max(abs(float(v(theta0))), 1e-8) for v in validators]
-    w = np.asarray(weights, np.float64) / np.sum(weights)
-
-    def validate(theta):
-        losses = [float(v(theta)) for v in validators]
-        return float(np.sum(w * np.asarray(losses) / np.asarray(base)))
-
-    return validate
 
 
 def _compare_families(mixture, optimizer, num_steps, evaluation, out_dir) -> dict:
@@ -406,126 +354,176 @@ def _stop_after_lost_process(err, run_dir: Path, checkpoint_dir: Path) -> None:
     os._exit(LOST_PROCESS_EXIT)
 
 
-def run_train(cfg) -> Path:
-    """Meta-trains, exports and evaluates as `cfg` says; returns the run directory.
+class _TrainSettings(NamedTuple):
+    """The loop's settings of a train config, checked."""
 
-    With `cfg.resume` set (see `train_config`) the run continues from the newest
-    checkpoint in its `checkpoints/` folder, appending to its metrics.jsonl.
-    """
-    import signal
+    num_iterations: int
+    checkpoint_every: int
+    checkpoint_keep: int
+    validate_every: int
+    tensorboard: bool
+    progress: bool
+    resuming: bool
 
-    import jax
-    from omegaconf import OmegaConf
 
+def _train_settings(cfg) -> _TrainSettings:
+    return _TrainSettings(
+        num_iterations=_positive_int(cfg, "num_iterations"),
+        checkpoint_every=_count(cfg, "checkpoint_every", 0),
+        checkpoint_keep=_count(cfg, "checkpoint_keep", 1),
+        validate_every=_count(cfg, "meta_validation.every", 0),
+        tensorboard=_flag(cfg, "tensorboard"),
+        progress=_flag(cfg, "progress"),
+        resuming=cfg.get("resume") not in (None, ""),
+    )
+
+
+def _newest_checkpoint(run_dir: Path, settings: _TrainSettings) -> Path | None:
+    """The checkpoint a resumed run continues from (None for a new run); a
+    UsageError where the run directory does not fit the request."""
     from es_l2o import checkpoint as ckpt
-    from es_l2o import export, files, sharding
-    from es_l2o.meta import Interrupted, NonFiniteThetaError, ResumeError, meta_train
-    from es_l2o.unroll import LOptTraining
 
-    # the multi-host runtime must start before anything touches a JAX device
-    _start_processes(cfg)
-    main = sharding.is_main_process()  # process 0 alone writes the run's files
-    resuming = cfg.get("resume") not in (None, "")
-    num_iterations = _positive_int(cfg, "num_iterations")
-    checkpoint_every = _count(cfg, "checkpoint_every", 0)
-    checkpoint_keep = _count(cfg, "checkpoint_keep", 1)
-    tensorboard = _flag(cfg, "tensorboard")
-    progress = _flag(cfg, "progress")
-    run_dir = Path(cfg.run_dir).resolve()
     checkpoint_dir = run_dir / "checkpoints"
     newest = ckpt.latest(checkpoint_dir)
-    if resuming and newest is None:
+    if not settings.resuming:
+        if newest is not None:
+            raise UsageError(
+                f"run_dir={run_dir} already holds the checkpoints of a run: continue "
+                f"it with resume={run_dir}, or choose another run_dir"
+            )
+        return None
+    if newest is None:
         raise UsageError(
             f"resume={run_dir}: no checkpoint in {checkpoint_dir} (the run stopped "
             "before its first one); start it again"
         )
-    if resuming and ckpt.iteration_of(newest) > num_iterations:
+    if ckpt.iteration_of(newest) > settings.num_iterations:
         raise UsageError(
             f"resume={run_dir}: its checkpoint is at iteration "
-            f"{ckpt.iteration_of(newest)}, beyond num_iterations={num_iterations}; "
-            f"give num_iterations >= {ckpt.iteration_of(newest)}"
+            f"{ckpt.iteration_of(newest)}, beyond num_iterations="
+            f"{settings.num_iterations}; give num_iterations >= "
+            f"{ckpt.iteration_of(newest)}"
         )
-    if not resuming and newest is not None:
-        raise UsageError(
-            f"run_dir={run_dir} already holds the checkpoints of a run: continue it "
-            f"with resume={run_dir}, or choose another run_dir"
-        )
-    family = instantiate(cfg.population)
-    lopt = instantiate(cfg.lopt)
+    return newest
+
+
+def _systems(cfg, family, lopt) -> list:
+    """One `LOptTraining` per family of the population (one unless a mixture)."""
+    from omegaconf import OmegaConf
+
+    from es_l2o.unroll import LOptTraining
+
     system_kwargs = OmegaConf.to_container(cfg.system, resolve=True)
     system_kwargs["horizon"] = _horizon(system_kwargs.get("horizon"))
     families = family.families if _is_mixture(family) else (family,)
     try:
-        systems = [LOptTraining(f, lopt, **system_kwargs) for f in families]
+        return [LOptTraining(f, lopt, **system_kwargs) for f in families]
     except (TypeError, ValueError) as err:
         raise UsageError(f"bad system settings {system_kwargs}: {err}") from None
-    system = systems[0]
+
+
+def _estimator(cfg, family, systems):
+    """The estimator `cfg.es` builds over `systems`."""
     make_estimator = instantiate(cfg.es)
     try:
         if _is_mixture(family):
-            estimator = _mixture_estimator(cfg, make_estimator, systems, family)
-        else:
-            estimator = make_estimator(
-                system=system, **_mesh_kwargs(cfg, make_estimator)
-            )
+            return _mixture_estimator(cfg, make_estimator, systems, family)
+        return make_estimator(system=systems[0], **_mesh_kwargs(cfg, make_estimator))
     except (TypeError, ValueError) as err:
         raise UsageError(
             f"cannot build the estimator {cfg.es._target_}: {err}"
         ) from None
 
+
+def _validator(cfg, family, systems, theta0, every: int):
+    """The run's `Validator` (None when `meta_validation.every` is 0)."""
+    from es_l2o import validation
+
+    if every == 0:
+        return None
+    settings = cfg.meta_validation
+    kwargs = dict(
+        num_tasks=_positive_int(cfg, "meta_validation.num_tasks"),
+        seed=int(settings.seed),
+        meta_loss=str(settings.meta_loss),
+    )
+    try:
+        if _is_mixture(family):
+            loss = validation.mixture_validation_loss(
+                systems, family.weights, theta0, **kwargs
+            )
+        else:
+            loss = validation.meta_validation_loss(systems[0], **kwargs)
+    except ValueError as err:
+        raise UsageError(f"meta_validation: {err}") from None
+    return validation.Validator(loss, every)
+
+
+def _start_run_dir(cfg, run_dir: Path, newest: Path | None) -> None:
+    """Creates the run directory (or cleans a resumed one) and writes config.yaml."""
+    from omegaconf import OmegaConf
+
+    from es_l2o import files, sharding
+
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = OmegaConf.to_container(cfg, resolve=True)
     saved["resume"] = None
-    if main:
-        for folder in (run_dir, checkpoint_dir):  # what killed writes left behind
+    if sharding.is_main_process():  # process 0 alone writes the run's files
+        for folder in (run_dir, run_dir / "checkpoints"):  # what killed writes left
             files.remove_temp_files(folder)
         files.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
     print(f"run directory: {run_dir}", flush=True)
-    if resuming:
+    if newest is not None:
         print(f"resuming from {newest}", flush=True)
 
-    key = jax.random.key(int(cfg.seed))
-    key_theta, key_meta = jax.random.split(key)
-    theta0 = _initial_theta(cfg, lopt, key_theta)
-    checkpoint_path = run_dir / "theta.safetensors"
+
+def _collaborators(cfg, settings: _TrainSettings, run_dir: Path, lopt, estimator):
+    """The loop's `RunLog` and `Checkpointer` (which also exports the current theta
+    to theta.safetensors whenever it checkpoints)."""
+    from es_l2o import export, sharding
+    from es_l2o.meta import Checkpointer, RunLog
+
+    main = sharding.is_main_process()  # every process checkpoints its shards
 
     def on_checkpoint(iteration, state):
         theta = estimator.theta(state)
         if main:
-            export.save(checkpoint_path, lopt, theta, iteration=iteration)
+            export.save(run_dir / "theta.safetensors", lopt, theta, iteration=iteration)
 
-    validate = None
-    every = int(cfg.meta_validation.every)
-    if every > 0 and _is_mixture(family):
-        validate = _mixture_validation(
-            systems, family.weights, cfg.meta_validation, theta0
-        )
-    elif every > 0:
-        validate = _meta_validation(system, estimator, cfg.meta_validation)
-    start = time.perf_counter()
+    log = RunLog(
+        run_dir / "metrics.jsonl" if main else None,
+        tensorboard_dir=run_dir / "tensorboard"
+        if settings.tensorboard and main
+        else None,
+        progress=settings.progress and main,
+    )
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        every=settings.checkpoint_every,
+        keep=settings.checkpoint_keep,
+        metadata={"seed": int(cfg.seed)},
+        on_checkpoint=on_checkpoint,
+    )
+    return log, checkpointer
+
+
+def _meta_train(run_dir: Path, num_iterations: int, **loop):
+    """`meta.train(**loop)`, its failures turned into a UsageError or `_Stopped`."""
+    import signal
+
+    import jax
+
+    from es_l2o import checkpoint as ckpt
+    from es_l2o.meta import Interrupted, NonFiniteThetaError, ResumeError, train
+
+    checkpoint_dir = run_dir / "checkpoints"
     try:
-        result = meta_train(
-            estimator,
-            theta0,
-            key=key_meta,
-            num_iterations=num_iterations,
-            metrics_path=run_dir / "metrics.jsonl" if main else None,
-            progress=progress and main,
-            on_checkpoint=on_checkpoint,
-            checkpoint_every=checkpoint_every,
-            validate=validate,
-            validate_every=every,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_keep=checkpoint_keep,
-            checkpoint_metadata={"seed": int(cfg.seed)},
-            resume=checkpoint_dir if resuming else None,
-            tensorboard_dir=run_dir / "tensorboard" if tensorboard and main else None,
-        )
+        return train(num_iterations=num_iterations, **loop)
     except ckpt.CheckpointError as err:
         older = ckpt.checkpoints(checkpoint_dir)[:-1]
         hint = (
             f"; to resume from the previous checkpoint {older[-1].name}, delete "
-            f"{newest}"
+            f"{ckpt.latest(checkpoint_dir)}"
             if older
             else ""
         )
@@ -533,11 +531,11 @@ def run_train(cfg) -> Path:
     except ResumeError as err:
         raise UsageError(f"resume={run_dir}: {err}") from None
     except Interrupted as err:
-        name = signal.Signals(err.signum).name
         raise _Stopped(
-            f"stopped by {name} after iteration {err.iteration} of {num_iterations}; "
-            f"checkpoint: {err.checkpoint or ckpt.latest(checkpoint_dir)}. Resume "
-            f"with: es-l2o-train resume={run_dir}",
+            f"stopped by {signal.Signals(err.signum).name} after iteration "
+            f"{err.iteration} of {num_iterations}; checkpoint: "
+            f"{err.checkpoint or ckpt.latest(checkpoint_dir)}. Resume with: "
+            f"es-l2o-train resume={run_dir}",
             SIGNAL_EXIT_BASE + err.signum,
         ) from None
     except KeyboardInterrupt:
@@ -552,10 +550,13 @@ def run_train(cfg) -> Path:
         if jax.process_count() == 1:
             raise
         _stop_after_lost_process(err, run_dir, checkpoint_dir)
-    train_seconds = time.perf_counter() - start
-    if not main:  # process 0 exports and evaluates
-        return run_dir
-    horizon = system.max_horizon
+
+
+def _export_and_compare(cfg, run_dir, lopt, family, systems, result, seconds):
+    """Exports the best theta to optimizer.safetensors and compares it with Adam."""
+    from es_l2o import export
+
+    horizon = systems[0].max_horizon
     optimizer_path = run_dir / "optimizer.safetensors"
     export.save(
         optimizer_path,
@@ -563,14 +564,14 @@ def run_train(cfg) -> Path:
         result.best_theta,
         population=_population_name(family),
         horizon=horizon,
-        num_iterations=num_iterations,
+        num_iterations=int(cfg.num_iterations),
         iteration=result.best_iteration,
         meta_validation_loss=result.best_validation_loss,
         seed=int(cfg.seed),
     )
     print(
-        f"meta-trained {len(result.history)} iterations ({num_iterations} in all) in "
-        f"{train_seconds:.1f} s; exported the theta of iteration "
+        f"meta-trained {len(result.history)} iterations ({cfg.num_iterations} in "
+        f"all) in {seconds:.1f} s; exported the theta of iteration "
         f"{result.best_iteration} (meta-validation loss "
         f"{result.best_validation_loss:.4g}) to {optimizer_path}",
         flush=True,
@@ -580,6 +581,46 @@ def run_train(cfg) -> Path:
         _compare_families(family, optimizer, horizon, cfg.evaluation, run_dir)
     else:
         _compare(family, optimizer, horizon, cfg.evaluation, run_dir)
+
+
+def run_train(cfg) -> Path:
+    """Meta-trains, exports and evaluates as `cfg` says; returns the run directory.
+
+    With `cfg.resume` set (see `train_config`) the run continues from the newest
+    checkpoint in its `checkpoints/` folder, appending to its metrics.jsonl.
+    """
+    import jax
+
+    from es_l2o import sharding
+
+    # the multi-host runtime must start before anything touches a JAX device
+    _start_processes(cfg)
+    settings = _train_settings(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    newest = _newest_checkpoint(run_dir, settings)
+    family, lopt = instantiate(cfg.population), instantiate(cfg.lopt)
+    systems = _systems(cfg, family, lopt)
+    estimator = _estimator(cfg, family, systems)
+    _start_run_dir(cfg, run_dir, newest)
+    key_theta, key_meta = jax.random.split(jax.random.key(int(cfg.seed)))
+    theta0 = _initial_theta(cfg, lopt, key_theta)
+    log, checkpointer = _collaborators(cfg, settings, run_dir, lopt, estimator)
+    start = time.perf_counter()
+    result = _meta_train(
+        run_dir,
+        settings.num_iterations,
+        estimator=estimator,
+        theta=theta0,
+        key=key_meta,
+        log=log,
+        checkpointer=checkpointer,
+        validator=_validator(cfg, family, systems, theta0, settings.validate_every),
+        resume=run_dir / "checkpoints" if settings.resuming else None,
+    )
+    seconds = time.perf_counter() - start
+    if not sharding.is_main_process():  # process 0 exports and evaluates
+        return run_dir
+    _export_and_compare(cfg, run_dir, lopt, family, systems, result, seconds)
     print(f"run directory: {run_dir}")
     return run_dir
 
@@ -606,15 +647,24 @@ def run_eval(path: str, cfg) -> dict:
     return _compare(family, optimizer, horizon, cfg.evaluation, out_dir)
 
 
+def _suite_entries(cfg, suite: str) -> list:
+    """The entries of suite `suite`, through `cfg.suites` (a `_target_` outside the
+    library: `populations.suites.get_suite`)."""
+    get_suite = instantiate(cfg.suites)
+    try:
+        return list(get_suite(suite))
+    except (KeyError, ValueError) as err:
+        raise UsageError(str(err).strip("'\"")) from None
+
+
 def _run_suite(path: str, cfg, suite: str) -> dict:
     """`es-l2o-eval OPTIMIZER_FILE suite=NAME`: the learned optimizer vs every
-    baseline on a suite; suite.{md,csv,json} and plots in the output folder."""
+    baseline on a suite; suite.{md,csv,json} and plots (`cfg.plots`, a `_target_`
+    outside the library) in the output folder."""
 
     from es_l2o import evaluate, export
-    from populations.suites import SUITES, get_suite
 
-    if suite not in SUITES:
-        raise UsageError(f"unknown suite {suite!r}; valid: {sorted(SUITES)}")
+    entries = _suite_entries(cfg, suite)
     if not os.path.isfile(path):
         raise UsageError(f"no optimizer file at {path!r}")
     num_seeds = _positive_int(cfg, "num_seeds")
@@ -630,7 +680,7 @@ def _run_suite(path: str, cfg, suite: str) -> dict:
     start = time.perf_counter()
     result = evaluate.evaluate_suite(
         lambda n: export.load(path, num_steps=n),
-        get_suite(suite),
+        entries,
         num_seeds=num_seeds,
         learning_rates=list(cfg.evaluation.learning_rates),
         speedup_cap=cap,
@@ -640,9 +690,8 @@ def _run_suite(path: str, cfg, suite: str) -> dict:
     result["settings"].update(suite=suite, optimizer_file=str(path))
     result["settings"]["seconds"] = time.perf_counter() - start
     paths = evaluate.write_suite_report(result, out_dir)
-    from analysis.eval_plots import plot_suite
-
-    paths.update(plot_suite(result, out_dir))
+    if cfg.get("plots") is not None:
+        paths.update(instantiate(cfg.plots)(result, out_dir))
     print(evaluate.suite_markdown(result))
     print(f"wrote {', '.join(sorted(paths.values()))}")
     return result

@@ -1,28 +1,31 @@
-"""Evaluate an optimizer against Adam on held-out tasks of a population.
+"""Evaluate an optimizer against tuned hand-designed baselines on held-out tasks.
 
 Held-out tasks come from a key stream that meta-training never uses (`heldout_keys`).
-Every run of one optimizer is vmapped over tasks; Adam's learning-rate sweep is
-vmapped over learning rates too, so the whole comparison compiles twice.
+Every run of one optimizer is vmapped over tasks; a baseline's learning-rate sweep
+(`es_l2o.baselines.sweep`) is vmapped over learning rates too, so comparing with
+Adam compiles twice, and a suite entry compiles once for the learned optimizer and
+once for all baselines.
 
 Example:
     >>> import optax
-    >>> from populations.quadratic import QuadraticFamily
-    >>> result = compare_with_adam(QuadraticFamily(), optax.sgd(1e-2), num_steps=20,
-    ...                            num_tasks=2)
-    >>> sorted(result["rows"])[:1]
-    ['adam_best']
+    >>> from es_l2o.tasks import ToyQuadraticFamily
+    >>> result = compare_with_adam(ToyQuadraticFamily(dim=2), optax.sgd(0.5),
+    ...                            num_steps=10, num_tasks=2, learning_rates=[1e-1])
+    >>> sorted(result["rows"]), result["best_lr"]["train"]
+    (['adam_best', 'adam_lr_0.001', 'learned'], 0.1)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from es_l2o.baselines import get_baseline, sweep
 from es_l2o.tasks import TaskFamily
 
 #: Adam's learning-rate sweep: 7 points, log-spaced from 1e-4 to 1e-1
@@ -47,6 +50,7 @@ def train_task(
     (the minibatch training loss at every step).
     """
     key_cfg, key_init, key_steps, key_eval = jax.random.split(key, 4)
+    optimizer = optax.with_extra_args_support(optimizer)
     task = family.task(family.sample(key_cfg))
     params = task.init(key_init)
 
@@ -80,13 +84,12 @@ def evaluate_adam_sweep(
     learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
 ) -> dict[str, np.ndarray]:
     """Adam at every learning rate on every task: metrics (num_lrs, num_tasks, ...)."""
-    adam = optax.inject_hyperparams(optax.adam)
 
-    def one(lr, key):
-        return train_task(family, adam(learning_rate=lr), num_steps, key)
+    def on_tasks(adam):
+        return jax.vmap(lambda k: train_task(family, adam, num_steps, k))(keys)
 
-    run = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None)))
-    return jax.tree.map(np.asarray, run(jnp.asarray(learning_rates, jnp.float32), keys))
+    run = jax.jit(lambda rates: sweep("adam", rates, on_tasks))
+    return jax.tree.map(np.asarray, run(jnp.asarray(learning_rates, jnp.float32)))
 
 
 def smooth(curve: np.ndarray, window: int) -> np.ndarray:
@@ -171,12 +174,7 @@ def compare_with_adam(
         _summary({k: v[i] for k, v in sweep.items()})
         for i in range(len(learning_rates))
     ]
-
-    def pick(metric):
-        scores = [row.get(metric, np.inf) for row in per_lr]
-        scores = [s if np.isfinite(s) else np.inf for s in scores]
-        return int(np.argmin(scores))
-
+    pick = lambda metric: _best_index(np.asarray([r[metric] for r in per_lr]))
     train_idx = pick("train_loss")
     val_idx = pick("val_loss") if "val_loss" in per_lr[0] else train_idx
     best = dict(per_lr[val_idx])
@@ -237,98 +235,6 @@ def format_table(result: dict[str, Any]) -> str:
 #: the baselines of a suite evaluation, in report order
 SUITE_BASELINES = ("sgd", "momentum", "rmsprop", "adagrad", "adam")
 
-#: every baseline as coefficients of one parametrised update (optax's defaults):
-#: m <- a_m m + c_m g;  v <- a_v v + c_v g^2 (v starts at v0);  optional bias
-#: corrections (bc_m, bc_v); update = -lr m_hat / (sqrt(v_hat + eps_in) + eps_out)
-#: when use_v, else -lr m_hat
-_COEFFS = (
-    "a_m",
-    "c_m",
-    "bc_m",
-    "a_v",
-    "c_v",
-    "bc_v",
-    "v0",
-    "use_v",
-    "eps_in",
-    "eps_out",
-)
-_BASELINE_COEFFS = {
-    "sgd": dict(a_m=0.0, c_m=1.0),
-    "momentum": dict(a_m=0.9, c_m=1.0),
-    "rmsprop": dict(a_m=0.0, c_m=1.0, a_v=0.9, c_v=0.1, use_v=1.0, eps_in=1e-8),
-    "adagrad": dict(a_m=0.0, c_m=1.0, a_v=1.0, c_v=1.0, v0=0.1, use_v=1.0, eps_in=1e-7),
-    "adam": dict(
-        a_m=0.9, c_m=0.1, bc_m=1.0, a_v=0.999, c_v=0.001, bc_v=1.0, use_v=1.0,
-        eps_out=1e-8,
-    ),
-}  # fmt: skip
-
-
-def baseline_hyperparameters(
-    names: Sequence[str], learning_rates: Sequence[float]
-) -> dict[str, jax.Array]:
-    """Stacked coefficients of `parametrised_baseline` for names x learning rates.
-
-    Row `i * len(learning_rates) + j` is baseline `names[i]` at `learning_rates[j]`.
-    """
-    rows = []
-    for name in names:
-        if name not in _BASELINE_COEFFS:
-            raise ValueError(
-                f"unknown baseline {name!r}; valid: {sorted(_BASELINE_COEFFS)}"
-            )
-        for lr in learning_rates:
-            row = dict.fromkeys(_COEFFS, 0.0) | _BASELINE_COEFFS[name]
-            rows.append({"lr": float(lr), **row})
-    return {k: jnp.asarray([r[k] for r in rows], jnp.float32) for k in rows[0]}
-
-
-class BaselineState(NamedTuple):
-    """State of `parametrised_baseline`: moments and step count."""
-
-    m: Any
-    v: Any
-    count: jax.Array
-
-
-def parametrised_baseline(hp: dict[str, jax.Array]) -> optax.GradientTransformation:
-    """SGD, momentum, RMSProp, AdaGrad or Adam, chosen by traced coefficients `hp`
-    (one row of `baseline_hyperparameters`), so one compilation serves them all.
-
-    Example:
-        >>> hp = jax.tree.map(lambda x: x[0], baseline_hyperparameters(["sgd"], [0.1]))
-        >>> opt = parametrised_baseline(hp)
-        >>> u, _ = opt.update(jnp.ones(2), opt.init(jnp.zeros(2)))
-        >>> [round(float(x), 6) for x in u]
-        [-0.1, -0.1]
-    """
-
-    def init(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        v = jax.tree.map(lambda p: jnp.full_like(p, hp["v0"]), params)
-        return BaselineState(zeros, v, jnp.zeros([], jnp.int32))
-
-    def update(grads, state, params=None):
-        del params
-        count = state.count + 1
-        t = count.astype(jnp.float32)
-        m = jax.tree.map(lambda m, g: hp["a_m"] * m + hp["c_m"] * g, state.m, grads)
-        v = jax.tree.map(
-            lambda v, g: hp["a_v"] * v + hp["c_v"] * jnp.square(g), state.v, grads
-        )
-        m_corr = jnp.where(hp["bc_m"] > 0, 1.0 - hp["a_m"] ** t, 1.0)
-        v_corr = jnp.where(hp["bc_v"] > 0, 1.0 - hp["a_v"] ** t, 1.0)
-
-        def one(m, v):
-            den = jnp.sqrt(v / v_corr + hp["eps_in"]) + hp["eps_out"]
-            den = jnp.where(hp["use_v"] > 0, den, 1.0)
-            return -hp["lr"] * (m / m_corr) / den
-
-        return jax.tree.map(one, m, v), BaselineState(m, v, count)
-
-    return optax.GradientTransformation(init, update)
-
 
 def _run_scan(task, opt, carry, keys):
     """`len(keys)` steps of `opt` on `task` from carry (params, state); curve too."""
@@ -370,42 +276,38 @@ def _run_learned(family, tx, cfgs, step_keys, metric_keys):
     )
 
 
-def _run_baselines(family, hps, cfgs, step_keys, metric_keys, horizon, extend_rows):
-    """Every (baseline, lr) row on every seed for `horizon` steps; the rows in
-    `extend_rows` (static) continue to the end of `step_keys` for their curve."""
+def _run_baselines(family, names, learning_rates, cfgs, step_keys, metric_keys,
+                   horizon):  # fmt: skip
+    """Every baseline in `names` at every learning rate on every seed, in one
+    compile: {name: (metrics (lrs, seeds), curves (lrs, seeds, steps))}. Runs stop
+    at `horizon` steps, except Adam's, whose curve goes on to the end of
+    `step_keys` (for the speedup); metrics are always those at `horizon`."""
 
-    def first(hp, cfg, keys, metric_key):
-        task = family.task(cfg)
-        tx = optax.with_extra_args_support(parametrised_baseline(hp))
-        params = task.init(metric_key)
-        carry, curve = _run_scan(task, tx, (params, tx.init(params)), keys[:horizon])
-        return carry, _final(task, params_of(carry), metric_key), curve
+    def seeds(tx, extend: bool):
+        tx = optax.with_extra_args_support(tx)
 
-    def params_of(carry):
-        return carry[0]
+        def one(cfg, keys, metric_key):
+            task = family.task(cfg)
+            params = task.init(metric_key)
+            carry = (params, tx.init(params))
+            carry, curve = _run_scan(task, tx, carry, keys[:horizon])
+            metrics = _final(task, carry[0], metric_key)
+            if extend and keys.shape[0] > horizon:
+                curve = jnp.concatenate(
+                    [curve, _run_scan(task, tx, carry, keys[horizon:])[1]]
+                )
+            return metrics, curve
 
-    def more(hp, cfg, carry, keys):
-        task = family.task(cfg)
-        tx = optax.with_extra_args_support(parametrised_baseline(hp))
-        return _run_scan(task, tx, carry, keys[horizon:])[1]
+        return jax.vmap(one)(cfgs, step_keys, metric_keys)
 
-    over_seeds = jax.vmap(first, in_axes=(None, 0, 0, 0))
-    more_seeds = jax.vmap(more, in_axes=(None, 0, 0, 0))
+    def run(rates):
+        return {
+            name: sweep(name, rates, lambda tx, e=name == "adam": seeds(tx, e))
+            for name in names
+        }
 
-    def run(hps, cfgs, step_keys, metric_keys):
-        carry, metrics, curve = jax.vmap(over_seeds, in_axes=(0, None, None, None))(
-            hps, cfgs, step_keys, metric_keys
-        )
-        extra = None
-        if step_keys.shape[1] > horizon and extend_rows:
-            rows = jnp.asarray(extend_rows)
-            pick = jax.tree.map(lambda x: x[rows], (hps, carry))
-            extra = jax.vmap(more_seeds, in_axes=(0, None, 0, None))(
-                pick[0], cfgs, pick[1], step_keys
-            )
-        return metrics, curve, extra
-
-    return jax.tree.map(np.asarray, jax.jit(run)(hps, cfgs, step_keys, metric_keys))
+    rates = jnp.asarray(learning_rates, jnp.float32)
+    return jax.tree.map(np.asarray, jax.jit(run)(rates))
 
 
 def _best_index(values: np.ndarray) -> int:
@@ -451,94 +353,43 @@ def _mean(x) -> float:
     return float(np.mean(x))
 
 
-def evaluate_entry(
-    optimizer,
-    entry,
-    *,
-    num_seeds: int = 3,
-    learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
-    baselines: Sequence[str] = SUITE_BASELINES,
-    speedup_cap: float = 2.0,
-    seed: int = 0,
-    smooth_window: int | None = None,
-) -> dict[str, Any]:
-    """One suite entry: the learned optimizer and every baseline's lr sweep.
-
-    Returns a row (see `evaluate_suite`) plus "curves": seed-mean training-loss
-    curves of the learned optimizer and of each baseline at its train-best rate
-    (Adam's extended to `speedup_cap` x horizon).
-    """
-    from populations.suites import build_eval
-
-    if "adam" not in baselines:
-        raise ValueError(f"baselines must include 'adam' (speedup), got {baselines}")
-    if speedup_cap < 1:
-        raise ValueError(f"speedup_cap must be >= 1, got {speedup_cap}")
-    horizon = int(entry.horizon)
-    total = max(horizon, int(round(speedup_cap * horizon)))
-    family = build_eval(entry)
-    cfgs = family.enumerate(num_seeds)
-    step_keys, metric_keys = _seed_keys(seed, num_seeds, total)
-    learning_rates = [float(x) for x in learning_rates]
-    num_lrs = len(learning_rates)
-    hps = baseline_hyperparameters(baselines, learning_rates)
-    adam_at = list(baselines).index("adam") * num_lrs
-    learned_m, learned_curve = _run_learned(
-        family, optimizer(horizon), cfgs, step_keys[:, :horizon], metric_keys
-    )
-    base_m, base_curve, extra = _run_baselines(
-        family,
-        hps,
-        cfgs,
-        step_keys,
-        metric_keys,
-        horizon,
-        tuple(range(adam_at, adam_at + num_lrs)),
-    )
-    has_val = "val_loss" in learned_m
-    learned = {
-        "train_loss": _mean(learned_m["train_loss"]),
-        "val_loss": _mean(learned_m["val_loss"]) if has_val else None,
-        "param_norm": _mean(learned_m["param_norm"]),
+def _baseline_row(metrics, learning_rates, has_val: bool) -> tuple[dict, int]:
+    """A baseline's row from its sweep's metrics (lrs, seeds), and the index of its
+    train-best learning rate."""
+    per_lr = {
+        k: metrics[k].mean(1).tolist()
+        for k in ("train_loss", "val_loss", "param_norm")
+        if k in metrics
     }
-    row: dict[str, Any] = {
-        "name": entry.name,
-        "family": entry.family,
-        "split": entry.split,
-        "horizon": horizon,
-        "learned": learned,
+    t = _best_index(np.asarray(per_lr["train_loss"]))
+    v = _best_index(np.asarray(per_lr["val_loss"])) if has_val else t
+    row = {
+        "learning_rates": list(learning_rates),
+        "per_lr": per_lr,
+        "best_lr_train": learning_rates[t],
+        "best_lr_val": learning_rates[v],
+        "train_loss": per_lr["train_loss"][t],
+        "val_loss": per_lr["val_loss"][v] if has_val else None,
+        "param_norm_train": per_lr["param_norm"][t],
+        "param_norm_val": per_lr["param_norm"][v],
     }
-    curves = {"learned": learned_curve.mean(0).tolist()}
-    for i, name in enumerate(baselines):
-        sl = slice(i * num_lrs, (i + 1) * num_lrs)
-        per_lr = {
-            k: base_m[k][sl].mean(1).tolist()
-            for k in ("train_loss", "val_loss", "param_norm")
-            if k in base_m
-        }
-        t = _best_index(np.asarray(per_lr["train_loss"]))
-        v = _best_index(np.asarray(per_lr["val_loss"])) if has_val else t
-        row[name] = {
-            "learning_rates": learning_rates,
-            "per_lr": per_lr,
-            "best_lr_train": learning_rates[t],
-            "best_lr_val": learning_rates[v],
-            "train_loss": per_lr["train_loss"][t],
-            "val_loss": per_lr["val_loss"][v] if has_val else None,
-            "param_norm_train": per_lr["param_norm"][t],
-            "param_norm_val": per_lr["param_norm"][v],
-        }
-        curve = base_curve[i * num_lrs + t].mean(0)
-        if name == "adam" and extra is not None:
-            curve = np.concatenate([curve, extra[t].mean(0)])
-        curves[name] = curve.tolist()
+    return row, t
+
+
+def _speedup_of(curves: dict, horizon: int, smooth_window: int | None) -> dict:
+    """The speedup of the learned curve over Adam's (both seed-means)."""
     window = smooth_window or max(1, horizon // 10)
     target = float(smooth(np.asarray(curves["learned"]), window)[-1])
     adam_curve = smooth(np.asarray(curves["adam"]), window)
     value, reached = (
         speedup(adam_curve, target, horizon) if np.isfinite(target) else (0.0, False)
     )
-    row["speedup"] = {"value": value, "reached": reached, "target": target}
+    return {"value": value, "reached": reached, "target": target}
+
+
+def _add_wins(row: dict, baselines: Sequence[str], has_val: bool) -> None:
+    """win_{train,val}_loss_vs_{adam,best}, param_norm_ratio, weight_inflation."""
+    learned = row["learned"]
     for metric in ("train_loss", "val_loss"):
         if not has_val and metric == "val_loss":
             row[f"win_{metric}_vs_adam"] = row[f"win_{metric}_vs_best"] = None
@@ -553,6 +404,64 @@ def evaluate_entry(
         row["adam"]["param_norm_train"], 1e-12
     )
     row["weight_inflation"] = weight_inflation(row)
+
+
+def evaluate_entry(
+    optimizer,
+    entry,
+    *,
+    num_seeds: int = 3,
+    learning_rates: Sequence[float] = ADAM_LEARNING_RATES,
+    baselines: Sequence[str] = SUITE_BASELINES,
+    speedup_cap: float = 2.0,
+    seed: int = 0,
+    smooth_window: int | None = None,
+) -> dict[str, Any]:
+    """One suite entry: the learned optimizer and every baseline's lr sweep.
+
+    `entry` has `name`, `family`, `split`, `horizon` and `eval_family()` (its
+    family restricted to held-out tasks, with `enumerate(n)`), as
+    `populations.suites.SuiteEntry`. Returns a row (see `evaluate_suite`) plus
+    "curves": seed-mean training-loss curves of the learned optimizer and of each
+    baseline at its train-best rate (Adam's extended to `speedup_cap` x horizon).
+    """
+    if "adam" not in baselines:
+        raise ValueError(f"baselines must include 'adam' (speedup), got {baselines}")
+    for name in baselines:
+        get_baseline(name)  # an unknown name fails before anything compiles
+    if speedup_cap < 1:
+        raise ValueError(f"speedup_cap must be >= 1, got {speedup_cap}")
+    horizon = int(entry.horizon)
+    total = max(horizon, int(round(speedup_cap * horizon)))
+    family = entry.eval_family()
+    cfgs = family.enumerate(num_seeds)
+    step_keys, metric_keys = _seed_keys(seed, num_seeds, total)
+    learning_rates = [float(x) for x in learning_rates]
+    learned_m, learned_curve = _run_learned(
+        family, optimizer(horizon), cfgs, step_keys[:, :horizon], metric_keys
+    )
+    swept = _run_baselines(
+        family, baselines, learning_rates, cfgs, step_keys, metric_keys, horizon
+    )
+    has_val = "val_loss" in learned_m
+    row: dict[str, Any] = {
+        "name": entry.name,
+        "family": entry.family,
+        "split": entry.split,
+        "horizon": horizon,
+        "learned": {
+            "train_loss": _mean(learned_m["train_loss"]),
+            "val_loss": _mean(learned_m["val_loss"]) if has_val else None,
+            "param_norm": _mean(learned_m["param_norm"]),
+        },
+    }
+    curves = {"learned": learned_curve.mean(0).tolist()}
+    for name in baselines:
+        metrics, curve = swept[name]
+        row[name], t = _baseline_row(metrics, learning_rates, has_val)
+        curves[name] = curve[t].mean(0).tolist()
+    row["speedup"] = _speedup_of(curves, horizon, smooth_window)
+    _add_wins(row, baselines, has_val)
     row["curves"] = curves
     return row
 
@@ -580,6 +489,17 @@ def summarize_suite(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
+def _row_line(row: dict[str, Any]) -> str:
+    """One line of progress about a suite row."""
+    return (
+        f"{row['name']}: learned {row['learned']['train_loss']:.4g} / "
+        f"adam {row['adam']['train_loss']:.4g} train loss, speedup "
+        f"{row['speedup']['value']:.2f}"
+        f"{'' if row['speedup']['reached'] else ' (never reached)'} "
+        f"[{row['seconds']:.1f}s]"
+    )
+
+
 def evaluate_suite(
     optimizer,
     suite_entries,
@@ -604,16 +524,25 @@ def evaluate_suite(
     Returns:
         {"rows": [row per entry], "summary": summarize_suite(rows), "settings": ...};
         a row has "learned" {train_loss, val_loss, param_norm}, one dict per
-        baseline (per_lr lists, best_lr_train / best_lr_val, train_loss, val_loss,
-        param_norm_train / _val), "speedup" {value, reached, target},
+        baseline (learning_rates, per_lr lists, best_lr_train / _val, train_loss,
+        val_loss, param_norm_train / _val), "speedup" {value, reached, target},
         win_{train,val}_loss_vs_{adam,best}, param_norm_ratio, weight_inflation,
         "curves".
 
-    Example:
-        >>> from populations.suites import get_suite
-        >>> entries = [e for e in get_suite("default") if e.name == "quadratic_10d"]
-        >>> res = evaluate_suite(lambda n: optax.adam(1e-2), entries, num_seeds=1,
-        ...                      learning_rates=[1e-2])  # doctest: +SKIP
+    Example (suites of real tasks: `populations.suites`):
+        >>> from typing import NamedTuple
+        >>> from es_l2o.tasks import ToyQuadraticFamily
+        >>> class Entry(NamedTuple):  # what a suite entry provides
+        ...     name: str = "toy"
+        ...     family: str = "toy_quadratic"
+        ...     split: str = "iid"
+        ...     horizon: int = 5
+        ...     def eval_family(self):
+        ...         return ToyQuadraticFamily(dim=2)
+        >>> res = evaluate_suite(lambda n: optax.sgd(0.5), [Entry()], num_seeds=2,
+        ...                      learning_rates=[0.1], baselines=("adam",))
+        >>> res["summary"]["all"]["num_tasks"], res["rows"][0]["adam"]["best_lr_train"]
+        (1, 0.1)
     """
     import time
 
@@ -632,13 +561,7 @@ def evaluate_suite(
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         if log is not None:
-            log(
-                f"{entry.name}: learned {row['learned']['train_loss']:.4g} / "
-                f"adam {row['adam']['train_loss']:.4g} train loss, speedup "
-                f"{row['speedup']['value']:.2f}"
-                f"{'' if row['speedup']['reached'] else ' (never reached)'} "
-                f"[{row['seconds']:.1f}s]"
-            )
+            log(_row_line(row))
     return {
         "rows": rows,
         "summary": summarize_suite(rows),

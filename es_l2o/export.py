@@ -209,22 +209,8 @@ def _record_array(source: str, index: int, record, payload: bytes):
     return path, flat.reshape(record["shape"])
 
 
-def read_arrays(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
-    """Reads and verifies a file written by `write_arrays`.
-
-    Returns:
-        (header, arrays) where arrays maps each leaf path string to a numpy array.
-
-    Raises:
-        FileNotFoundError: no file at `path`.
-        OptimizerFileError: not such a file, truncated, corrupted, of another format,
-            or with a malformed leaf record.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no file at {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
+def _header_and_payload(path: str, raw: bytes) -> tuple[dict, bytes]:
+    """The JSON header and the data bytes of a file's contents `raw`."""
     if not raw.startswith(MAGIC):
         raise OptimizerFileError(
             f"{path!r} is not an es_l2o file (it does not start with the es_l2o marker)"
@@ -243,7 +229,25 @@ def read_arrays(path: str | os.PathLike, expected_format: str) -> tuple[dict, di
             raise ValueError("header is not a JSON object")
     except ValueError as err:
         raise OptimizerFileError(f"{path!r} has a corrupted header: {err}") from None
-    payload = raw[start + length :]
+    return header, raw[start + length :]
+
+
+def read_arrays(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict]:
+    """Reads and verifies a file written by `write_arrays`.
+
+    Returns:
+        (header, arrays) where arrays maps each leaf path string to a numpy array.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        OptimizerFileError: not such a file, truncated, corrupted, of another format,
+            or with a malformed leaf record.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file at {path!r}")
+    with open(path, "rb") as f:
+        header, payload = _header_and_payload(path, f.read())
     if header.get("format") != expected_format:
         raise OptimizerFileError(
             f"{path!r} holds format {header.get('format')!r}, "

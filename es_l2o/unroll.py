@@ -92,6 +92,7 @@ class UnrolledSystem(abc.ABC):
         Noise-reuse ES reads it to switch perturbations as a new episode starts.
         Systems whose episodes never end (`max_horizon is None`) need not define it.
         """
+        del state
         if self.max_horizon is None:
             return jnp.asarray(False)
         raise NotImplementedError(

@@ -25,17 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from es_l2o.baselines import sweep
 from populations import suites
 from populations.common import num_params
 
 
 def _adam_runs(family, num_steps: int):
-    """run(cfgs, lrs, key) -> (losses, final metrics), over learning rates x tasks."""
+    """run(cfgs, lrs, key) -> (losses, final metrics), over learning rates x tasks
+    (the learning rates through `es_l2o.baselines.sweep`, as evaluation does)."""
 
-    def one(cfg, lr, key):
+    def one(opt, cfg, key):
         task = family.task(cfg)
         params = task.init(key)
-        opt = optax.adam(lr)
 
         def body(carry, step_key):
             params, state = carry
@@ -47,8 +48,11 @@ def _adam_runs(family, num_steps: int):
         (params, _), losses = jax.lax.scan(body, (params, opt.init(params)), keys)
         return losses, task.metrics(params, key)
 
-    over_tasks = jax.vmap(one, in_axes=(0, None, None))
-    return jax.vmap(over_tasks, in_axes=(None, 0, None))
+    def run(cfgs, lrs, key):
+        on_tasks = lambda opt: jax.vmap(lambda cfg: one(opt, cfg, key))(cfgs)
+        return sweep("adam", lrs, on_tasks)
+
+    return run
 
 
 class _Clock:
@@ -96,8 +100,8 @@ def measure(
     row.update(compile_100_s=comp.wall, compile_100_cpu=comp.cpu)
     row.update(adam_100_s=run.wall, adam_100_cpu=run.cpu)
     lrs = jnp.asarray(np.logspace(-4, 0, num_lrs), jnp.float32)
-    sweep = _adam_runs(family, entry.horizon)
-    (losses, _), comp, run = _compile_and_run(sweep, (cfgs, lrs, key), options)
+    runs = _adam_runs(family, entry.horizon)
+    (losses, _), comp, run = _compile_and_run(runs, (cfgs, lrs, key), options)
     row.update(sweep_compile_s=comp.wall, sweep_compile_cpu=comp.cpu)
     row.update(sweep_run_s=run.wall, sweep_run_cpu=run.cpu)
     row["initial_loss"] = float(jnp.mean(losses[:, :, 0]))

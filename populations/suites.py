@@ -63,6 +63,11 @@ class SuiteEntry:
                 f"entry {self.name!r}: horizon must be >= 1, got {self.horizon}"
             )
 
+    def eval_family(self):
+        """This entry's family restricted to its held-out tasks (`build_eval`):
+        what `es_l2o.evaluate.evaluate_entry` trains."""
+        return build_eval(self)
+
 
 def _entry(name, family, horizon, split, augment=(), **kwargs) -> SuiteEntry:
     return SuiteEntry(name, family, kwargs, horizon, split, tuple(augment))

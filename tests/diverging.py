@@ -13,9 +13,11 @@ class ExplodingTask(Task):
         self.growth = growth
 
     def init(self, key):
+        del key
         return {"x": jnp.ones(3)}
 
     def loss(self, params, key):
+        del key
         return jnp.sum(jnp.exp(self.growth * params["x"]))
 
 

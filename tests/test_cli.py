@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory):
     return run_dir
 
 
-def test_tiny_run_writes_the_run_directory(tiny_run, capsys):
+def test_tiny_run_writes_the_run_directory(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
     assert {
         "config.yaml",
@@ -98,6 +98,11 @@ def test_eval_reads_a_saved_optimizer(tiny_run, tmp_path):
         (["num_iterations=0"], "num_iterations must be a positive integer, got 0"),
         (["system.horizon=-3"], "horizon must be a positive integer"),
         (["es.algorithm=Nope"], "unknown evosax algorithm 'Nope'"),
+        (
+            ["meta_validation.every=-1"],
+            "meta_validation.every must be an integer >= 0, got -1",
+        ),
+        (["meta_validation.meta_loss=best"], "meta_loss must be one of"),
     ],
 )
 def test_train_bad_input_is_one_clear_line(argv, message, capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""Suite evaluation: the parametrised baselines, per-metric tuning, won fractions,
+"""Suite evaluation: the baselines' sweeps, per-metric tuning, won fractions,
 the weight-inflation flag and `es-l2o-eval OPTIMIZER_FILE suite=...`."""
 
 from __future__ import annotations
@@ -7,13 +7,12 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from es_l2o import evaluate as ev
-from es_l2o.baselines import BASELINES
+from es_l2o.baselines import get_baseline
 from populations import suites
 
 LRS = (1e-2, 1e-1)
@@ -33,7 +32,7 @@ def result():
     # the "learned" optimizer is Adam at the grid's second rate, so its numbers
     # must equal the sweep's Adam numbers at that rate (same tasks, same data)
     return ev.evaluate_suite(
-        lambda n: optax.adam(LRS[1]),
+        lambda _: optax.adam(LRS[1]),
         _tiny_suite(),
         num_seeds=2,
         learning_rates=LRS,
@@ -41,24 +40,33 @@ def result():
     )
 
 
-@pytest.mark.parametrize("name", ev.SUITE_BASELINES)
-def test_parametrised_baseline_matches_optax(name):
-    hp = jax.tree.map(lambda x: x[1], ev.baseline_hyperparameters([name], [0.1, 0.03]))
-    ours, ref = ev.parametrised_baseline(hp), BASELINES[name](0.03)
-    params = {"a": jnp.zeros(3), "b": jnp.zeros(())}
-    s_ours, s_ref = ours.init(params), ref.init(params)
-    grads = jax.random.normal(jax.random.key(0), (4, 4))
-    for g in grads:
-        g = {"a": g[:3], "b": g[3]}
-        u_ours, s_ours = ours.update(g, s_ours, params)
-        u_ref, s_ref = ref.update(g, s_ref, params)
-        for x, y in zip(jax.tree.leaves(u_ours), jax.tree.leaves(u_ref), strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-9)
+def test_a_baseline_row_is_the_baseline_run_alone(result):
+    # the suite's sweep of SGD at LRS[0], seed by seed, equals SGD run by itself on
+    # the same held-out task with the same data order
+    entry = _tiny_suite()[0]
+    family = entry.eval_family()
+    cfgs = family.enumerate(2)
+    step_keys, metric_keys = ev._seed_keys(0, 2, 2 * HORIZON)
+    losses = []
+    for i in range(2):
+        cfg = jax.tree.map(lambda x, i=i: x[i], cfgs)
+        task, opt = family.task(cfg), get_baseline("sgd")(LRS[0])
+        params = task.init(metric_keys[i])
+        (params, _), _ = ev._run_scan(
+            task, opt, (params, opt.init(params)), step_keys[i, :HORIZON]
+        )
+        losses.append(float(task.metrics(params, metric_keys[i])["train_loss"]))
+    row = result["rows"][0]
+    np.testing.assert_allclose(
+        row["sgd"]["per_lr"]["train_loss"][0], np.mean(losses), rtol=1e-5
+    )
 
 
 def test_unknown_baseline_is_named():
     with pytest.raises(ValueError, match="'lbfgs'"):
-        ev.baseline_hyperparameters(["lbfgs"], [0.1])
+        ev.evaluate_entry(
+            lambda _: optax.sgd(0.1), _tiny_suite()[0], baselines=("adam", "lbfgs")
+        )
 
 
 def test_structure(result):

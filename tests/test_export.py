@@ -337,8 +337,8 @@ def _records(path, **fields):
 LEGACY_MALFORMED = {
     "record without dtype": (lambda p: _records(p, dtype=None), "has no 'dtype'"),
     "negative shape": (lambda p: _records(p, shape=[-4]), r"shape \[-4\], expected"),
-    "leaves as a string": (lambda p: "leaves", r"its 'leaves' is 'leaves' \(str\)"),
-    "record as a number": (lambda p: [7], r"leaf record 0 is 7 \(int\), expected"),
+    "leaves as a string": (lambda _: "leaves", r"its 'leaves' is 'leaves' \(str\)"),
+    "record as a number": (lambda _: [7], r"leaf record 0 is 7 \(int\), expected"),
     "object dtype": (lambda p: _records(p, dtype="object"), "dtype 'object'; valid"),
     "offset outside": (lambda p: _records(p, offset=10**9), "outside the"),
     "size off shape": (lambda p: _records(p, shape=[3]), r"has 16 bytes for float32"),
@@ -407,7 +407,7 @@ def test_a_pickle_is_never_executed(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_write_leaves_no_temporary_file(mlp_file, tmp_path):
+def test_a_write_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "opt.safetensors"
     for _ in range(2):  # a new file, then over an existing one
         export.save(path, LOPT, LOPT.init(jax.random.key(1)))

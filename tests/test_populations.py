@@ -18,6 +18,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from es_l2o.baselines import get_baseline
 from es_l2o.tasks import TaskFamily
 from populations import FAMILIES, WRAPPERS, suites
 from populations import functions as fn_mod
@@ -112,7 +113,7 @@ def _train(family: TaskFamily, lr: float, cfg, key):
     task = family.task(cfg)
     key_init, key_steps, key_eval = jax.random.split(key, 3)
     params = task.init(key_init)
-    opt = optax.adam(lr)
+    opt = get_baseline("adam")(lr)
 
     def body(carry, step_key):
         p, state = carry

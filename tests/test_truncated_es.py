@@ -275,9 +275,11 @@ class Fragile(UnrolledSystem):
     max_horizon = 10
 
     def init(self, key, theta):
+        del key, theta
         return {"x": jnp.zeros(()), "step": jnp.zeros((), jnp.int32)}
 
     def step(self, key, theta, state):
+        del key
         reset = state["step"] >= self.max_horizon
         x = jnp.where(reset, 0.0, state["x"])
         step = jnp.where(reset, 0, state["step"])

@@ -116,10 +116,13 @@ class LearnedOptimizer(abc.ABC):
     Example:
         >>> import jax, jax.numpy as jnp, optax
         >>> from es_l2o.lopt import MLPLOpt
-        >>> lopt = MLPLOpt()
+        >>> lopt = MLPLOpt(hidden_sizes=(4,))
         >>> opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=100)
         >>> params = {"w": jnp.ones(3)}
-        >>> updates, state = opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+        >>> update = jax.jit(opt.update)
+        >>> updates, state = update({"w": jnp.ones(3)}, opt.init(params), params)
+        >>> updates["w"].shape, type(lopt)(**lopt.config()).config() == lopt.config()
+        ((3,), True)
     """
 
     name: ClassVar[str]

@@ -189,7 +189,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         >>> opt = lopt.transform(lopt.init(jax.random.key(0)), num_steps=10)
         >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
         >>> state = opt.init(params)
-        >>> updates, state = opt.update(params, state, params, value=jnp.array(1.0))
+        >>> update = jax.jit(opt.update)  # one program, not op by op
+        >>> updates, state = update(params, state, params, value=jnp.array(1.0))
         >>> jax.tree.map(jnp.shape, updates)
         {'b': (3,), 'w': (2, 3)}
     """
@@ -618,104 +619,116 @@ class HierarchicalLOpt(LearnedOptimizer):
         sums["m"], sums["v"] = tensor_means[:nm], tensor_means[nm]
         return per_group, sums, tensor_means
 
+    def _init_state(self, theta, params) -> HierarchicalState:
+        """The optimizer state of `params` (never reads leaf values)."""
+        nm, nf = len(self.momentum_decays), len(self.factored_decays)
+        groups = F.ShapeGroups.of(params, F.matrix_shape)
+        t = groups.num_tensors
+        leaves = jax.tree_util.tree_leaves(params)
+        return HierarchicalState(
+            count=jnp.zeros((), jnp.int32),
+            momenta=tuple(g.zeros(leaves, (nm,)) for g in groups),
+            second_moment=tuple(g.zeros(leaves) for g in groups),
+            factored=tuple(
+                F.FactoredMoments(
+                    rows=g.zeros(leaves, (nf,))[..., 0],
+                    cols=g.zeros(leaves, (nf,))[..., 0, :],
+                )
+                for g in groups
+            ),
+            loss=F.init_loss_emas(),
+            tensor_means=jnp.zeros((nm + 1, t), jnp.float32),
+            lstm_h=jnp.broadcast_to(theta["lstm_init"]["h"], (t, self.lstm_size)),
+            lstm_c=jnp.broadcast_to(theta["lstm_init"]["c"], (t, self.lstm_size)),
+            initial_rms=jnp.zeros((t,), jnp.float32),
+        )
+
+    def _scales(self, sums, lr_mult, state, num_steps) -> tuple[dict, jax.Array]:
+        """Per-tensor normalisers and step sizes (with the schedule's factor), and
+        the parameters' RMS at the first step (which `step_scale="initial"` sizes
+        every later step by)."""
+        rms_p = jnp.sqrt(sums["p2"])
+        initial_rms = jnp.where(state.count == 0, rms_p, state.initial_rms)
+        scale_p = jnp.maximum(rms_p, self.param_scale_floor)
+        step_p = scale_p
+        if self.step_scale == "initial":
+            step_p = jnp.maximum(initial_rms, self.param_scale_floor)
+        scales = {
+            "inv_rms_g": jax.lax.rsqrt(sums["g2"] + 1e-30),
+            "inv_scale_p": 1.0 / scale_p,
+            "inv_rms_m": jax.lax.rsqrt(sums["m2"] + 1e-30).T,
+            "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
+            "rms_sv": jnp.sqrt(sums["v"]),
+            "eps_v": 1e-8 * sums["v"] + 1e-30,
+            "step": lr_mult
+            * self.step_mult
+            * step_p
+            * schedule_factor(self.schedule, state.count, num_steps),
+        }
+        return scales, initial_rms
+
+    def _param_steps(self, groups, per_group, scales, weights, state, grads):
+        """The per-parameter network: one fused pass per group of equal shapes;
+        each step in its gradient's shape and dtype."""
+        steps = groups.map(
+            self._tensor_step,
+            state.count >= 0,
+            [
+                (tensors, {k: x[g.rows] for k, x in scales.items()}, weights[g.rows])
+                for g, tensors in zip(groups, per_group, strict=True)
+            ],
+        )
+        return [
+            step.reshape(jnp.shape(g)).astype(jnp.result_type(g))
+            for step, g in zip(steps, grads, strict=True)
+        ]
+
+    def _update(self, theta, num_steps, updates, state, params, value):
+        if params is None:
+            raise ValueError(
+                "HierarchicalLOpt reads the parameters: call "
+                "update(grads, state, params)"
+            )
+        grads, treedef = jax.tree_util.tree_flatten(updates)
+        count = optax.safe_increment(state.count)
+        loss_state = F.update_loss_emas(state.loss, value, num_steps)
+        if not grads:
+            return updates, state._replace(count=count, loss=loss_state)
+        groups = F.ShapeGroups.of(updates, F.matrix_shape)
+        per_group, sums, tensor_means = self._statistics(
+            state, groups, grads, treedef.flatten_up_to(params)
+        )
+        # the per-tensor network, batched over tensors
+        inputs = self.tensor_inputs(
+            sums, groups.tensor_shapes, loss_state, state.count, num_steps
+        )
+        weights, lr_mult, lstm_h, lstm_c = self.tensor_network(
+            theta, inputs, state.lstm_h, state.lstm_c
+        )
+        scales, initial_rms = self._scales(sums, lr_mult, state, num_steps)
+        steps = self._param_steps(groups, per_group, scales, weights, state, grads)
+        new_state = HierarchicalState(
+            count=count,
+            momenta=tuple(t[2] for t in per_group),
+            second_moment=tuple(t[3] for t in per_group),
+            factored=tuple(t[4] for t in per_group),
+            loss=loss_state,
+            tensor_means=tensor_means,
+            lstm_h=lstm_h,
+            lstm_c=lstm_c,
+            initial_rms=initial_rms,
+        )
+        return jax.tree_util.tree_unflatten(treedef, steps), new_state
+
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
-        nm, nf = len(self.momentum_decays), len(self.factored_decays)
 
         def init_fn(params):
-            groups = F.ShapeGroups.of(params, F.matrix_shape)
-            t = groups.num_tensors
-            leaves = jax.tree_util.tree_leaves(params)
-            return HierarchicalState(
-                count=jnp.zeros((), jnp.int32),
-                momenta=tuple(g.zeros(leaves, (nm,)) for g in groups),
-                second_moment=tuple(g.zeros(leaves) for g in groups),
-                factored=tuple(
-                    F.FactoredMoments(
-                        rows=g.zeros(leaves, (nf,))[..., 0],
-                        cols=g.zeros(leaves, (nf,))[..., 0, :],
-                    )
-                    for g in groups
-                ),
-                loss=F.init_loss_emas(),
-                tensor_means=jnp.zeros((nm + 1, t), jnp.float32),
-                lstm_h=jnp.broadcast_to(theta["lstm_init"]["h"], (t, self.lstm_size)),
-                lstm_c=jnp.broadcast_to(theta["lstm_init"]["c"], (t, self.lstm_size)),
-                initial_rms=jnp.zeros((t,), jnp.float32),
-            )
+            return self._init_state(theta, params)
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
             del extra
-            if params is None:
-                raise ValueError(
-                    "HierarchicalLOpt reads the parameters: call "
-                    "update(grads, state, params)"
-                )
-            grads, treedef = jax.tree_util.tree_flatten(updates)
-            count = optax.safe_increment(state.count)
-            loss_state = F.update_loss_emas(state.loss, value, num_steps)
-            if not grads:
-                return updates, state._replace(count=count, loss=loss_state)
-            groups = F.ShapeGroups.of(updates, F.matrix_shape)
-            per_group, sums, tensor_means = self._statistics(
-                state, groups, grads, treedef.flatten_up_to(params)
-            )
-
-            # the per-tensor network, batched over tensors
-            inputs = self.tensor_inputs(
-                sums, groups.tensor_shapes, loss_state, state.count, num_steps
-            )
-            weights, lr_mult, lstm_h, lstm_c = self.tensor_network(
-                theta, inputs, state.lstm_h, state.lstm_c
-            )
-            rms_p = jnp.sqrt(sums["p2"])
-            initial_rms = jnp.where(state.count == 0, rms_p, state.initial_rms)
-            scale_p = jnp.maximum(rms_p, self.param_scale_floor)
-            step_p = scale_p
-            if self.step_scale == "initial":
-                step_p = jnp.maximum(initial_rms, self.param_scale_floor)
-            scales = {
-                "inv_rms_g": jax.lax.rsqrt(sums["g2"] + 1e-30),
-                "inv_scale_p": 1.0 / scale_p,
-                "inv_rms_m": jax.lax.rsqrt(sums["m2"] + 1e-30).T,
-                "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
-                "rms_sv": jnp.sqrt(sums["v"]),
-                "eps_v": 1e-8 * sums["v"] + 1e-30,
-                "step": lr_mult
-                * self.step_mult
-                * step_p
-                * schedule_factor(self.schedule, state.count, num_steps),
-            }
-
-            # the per-parameter network: one fused pass per group of equal shapes
-            steps = groups.map(
-                self._tensor_step,
-                state.count >= 0,
-                [
-                    (
-                        tensors,
-                        {k: x[g.rows] for k, x in scales.items()},
-                        weights[g.rows],
-                    )
-                    for g, tensors in zip(groups, per_group, strict=True)
-                ],
-            )
-            steps = [
-                step.reshape(jnp.shape(g)).astype(jnp.result_type(g))
-                for step, g in zip(steps, grads, strict=True)
-            ]
-            new_state = HierarchicalState(
-                count=count,
-                momenta=tuple(t[2] for t in per_group),
-                second_moment=tuple(t[3] for t in per_group),
-                factored=tuple(t[4] for t in per_group),
-                loss=loss_state,
-                tensor_means=tensor_means,
-                lstm_h=lstm_h,
-                lstm_c=lstm_c,
-                initial_rms=initial_rms,
-            )
-            return jax.tree_util.tree_unflatten(treedef, steps), new_state
+            return self._update(theta, num_steps, updates, state, params, value)
 
         return checked_transformation(init_fn, update_fn)
 

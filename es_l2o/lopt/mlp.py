@@ -300,75 +300,81 @@ class MLPLOpt(LearnedOptimizer):
             group_args.append((tensors, weights))
         return groups.map(self._tensor_step, flag, group_args)
 
+    def _init_state(self, params) -> MLPLOptState:
+        """The optimizer state of `params` (never reads leaf values)."""
+        nm = len(self.momentum_decays)
+        groups = F.ShapeGroups.of(params, _vector)
+        leaves = jax.tree_util.tree_leaves(params)
+        return MLPLOptState(
+            count=jnp.zeros((), jnp.int32),
+            momenta=tuple(g.zeros(leaves, (nm,)) for g in groups),
+            second_moment=tuple(g.zeros(leaves) for g in groups),
+        )
+
+    def _shared_weights(self, theta, count, num_steps) -> dict:
+        """The weights every tensor shares this step (time features folded into the
+        first layer's bias)."""
+        time = jnp.concatenate(
+            [F.progress_features(count, num_steps), F.timescale_features(count)]
+        )
+        return {
+            "b0": theta["layer_0"]["b"] + time @ theta["time"]["w"],
+            "out_w": theta["output"]["w"],
+            "out_b": theta["output"]["b"],
+            **{
+                f"layer_{i}": theta[f"layer_{i}"]
+                for i in range(1, len(self.hidden_sizes))
+            },
+        }
+
+    def _update(self, theta, num_steps, updates, state, params):
+        if params is None:
+            raise ValueError(
+                "MLPLOpt reads the parameters: call update(grads, state, params)"
+            )
+        grads, treedef = jax.tree_util.tree_flatten(updates)
+        count = optax.safe_increment(state.count)
+        if not grads:
+            return updates, state._replace(count=count)
+        groups = F.ShapeGroups.of(updates, _vector)
+        params = treedef.flatten_up_to(params)
+        shared = self._shared_weights(theta, state.count, num_steps)
+        per_group, rms_per_group = [], []
+        for g, m, v in zip(groups, state.momenta, state.second_moment, strict=True):
+            tensors, rms = jax.vmap(self._tensor_statistics)(
+                g.stack(grads), g.stack(params), m, v, g.extents()
+            )
+            per_group.append(tensors)
+            rms_per_group.append(rms)
+        steps = self._fused_steps(
+            theta, shared, groups, per_group, rms_per_group, state.count >= 0
+        )
+        rest = [k for k, g in enumerate(groups) if not self.runs_fused(g)]
+        by_leaf = self._matmul_steps(
+            theta,
+            shared["b0"],
+            [groups[k] for k in rest],
+            [per_group[k] for k in rest],
+            [rms_per_group[k] for k in rest],
+        )
+        for leaf, step in by_leaf.items():
+            steps[leaf] = step
+        steps = [
+            step.astype(jnp.result_type(g))
+            for step, g in zip(steps, grads, strict=True)
+        ]
+        new_state = MLPLOptState(
+            count=count,
+            momenta=tuple(t[2] for t in per_group),
+            second_moment=tuple(t[3] for t in per_group),
+        )
+        return jax.tree_util.tree_unflatten(treedef, steps), new_state
+
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
-        nm = len(self.momentum_decays)
-
-        def init_fn(params):
-            groups = F.ShapeGroups.of(params, _vector)
-            leaves = jax.tree_util.tree_leaves(params)
-            return MLPLOptState(
-                count=jnp.zeros((), jnp.int32),
-                momenta=tuple(g.zeros(leaves, (nm,)) for g in groups),
-                second_moment=tuple(g.zeros(leaves) for g in groups),
-            )
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
             del value, extra  # this architecture reads no loss
-            if params is None:
-                raise ValueError(
-                    "MLPLOpt reads the parameters: call update(grads, state, params)"
-                )
-            grads, treedef = jax.tree_util.tree_flatten(updates)
-            count = optax.safe_increment(state.count)
-            if not grads:
-                return updates, state._replace(count=count)
-            groups = F.ShapeGroups.of(updates, _vector)
-            params = treedef.flatten_up_to(params)
-            time = jnp.concatenate(
-                [
-                    F.progress_features(state.count, num_steps),
-                    F.timescale_features(state.count),
-                ]
-            )
-            shared = {
-                "b0": theta["layer_0"]["b"] + time @ theta["time"]["w"],
-                "out_w": theta["output"]["w"],
-                "out_b": theta["output"]["b"],
-                **{
-                    f"layer_{i}": theta[f"layer_{i}"]
-                    for i in range(1, len(self.hidden_sizes))
-                },
-            }
-            per_group, rms_per_group = [], []
-            for g, m, v in zip(groups, state.momenta, state.second_moment, strict=True):
-                tensors, rms = jax.vmap(self._tensor_statistics)(
-                    g.stack(grads), g.stack(params), m, v, g.extents()
-                )
-                per_group.append(tensors)
-                rms_per_group.append(rms)
-            steps = self._fused_steps(
-                theta, shared, groups, per_group, rms_per_group, state.count >= 0
-            )
-            rest = [k for k, g in enumerate(groups) if not self.runs_fused(g)]
-            by_leaf = self._matmul_steps(
-                theta,
-                shared["b0"],
-                [groups[k] for k in rest],
-                [per_group[k] for k in rest],
-                [rms_per_group[k] for k in rest],
-            )
-            for leaf, step in by_leaf.items():
-                steps[leaf] = step
-            steps = [
-                step.astype(jnp.result_type(g))
-                for step, g in zip(steps, grads, strict=True)
-            ]
-            new_state = MLPLOptState(
-                count=count,
-                momenta=tuple(t[2] for t in per_group),
-                second_moment=tuple(t[3] for t in per_group),
-            )
-            return jax.tree_util.tree_unflatten(treedef, steps), new_state
+            return self._update(theta, num_steps, updates, state, params)
 
-        return checked_transformation(init_fn, update_fn)
+        return checked_transformation(self._init_state, update_fn)
