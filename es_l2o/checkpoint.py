@@ -301,6 +301,32 @@ def _remove_unsealed(directory: Path) -> None:
                 shutil.rmtree(directory / name, ignore_errors=True)
 
 
+def _check_save_settings(iteration, metrics_position, keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive integer, got {keep!r}")
+    if int(iteration) < 0 or int(metrics_position) < 0:
+        raise ValueError(
+            "iteration and metrics_position must be >= 0, got "
+            f"{iteration} and {metrics_position}"
+        )
+
+
+def _record(data, impls, iteration, metrics_position, metadata) -> dict:
+    """The JSON record stored beside a checkpoint's arrays."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": es_l2o.__version__,
+        "iteration": int(iteration),
+        "metrics_position": int(metrics_position),
+        "key_impls": impls,
+        "metadata": dict(metadata or {}),
+        "leaves": _leaf_table(data),
+        "checksum": CHECKSUM,
+        "sha256": _digest(data),
+    }
+
+
 def save(
     directory: str | os.PathLike,
     tree,
@@ -323,30 +349,13 @@ def save(
     Returns:
         The path of the new checkpoint (a folder).
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be a positive integer, got {keep!r}")
-    if int(iteration) < 0 or int(metrics_position) < 0:
-        raise ValueError(
-            "iteration and metrics_position must be >= 0, got "
-            f"{iteration} and {metrics_position}"
-        )
+    _check_save_settings(iteration, metrics_position, keep)
     import orbax.checkpoint as ocp
 
     directory = Path(directory)
     data, impls = _unkey(tree)
     data = _global(data)
-    record = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "package_version": es_l2o.__version__,
-        "iteration": int(iteration),
-        "metrics_position": int(metrics_position),
-        "key_impls": impls,
-        "metadata": dict(metadata or {}),
-        "leaves": _leaf_table(data),
-        "checksum": CHECKSUM,
-        "sha256": _digest(data),
-    }
+    record = _record(data, impls, iteration, metrics_position, metadata)
     try:
         json.dumps(record)
     except TypeError as err:
@@ -483,6 +492,38 @@ def _key_data_template(leaf):
     return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where)
 
 
+def _checkpoint_folder(path: Path) -> Path:
+    """`path` itself if it is a checkpoint, else the newest checkpoint inside it."""
+    if path.is_dir() and not _NAME.match(path.name):
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoint ({PREFIX}_*) in {str(path)!r}")
+        return found
+    if not path.is_dir() or not _NAME.match(path.name):
+        raise CheckpointError(f"no checkpoint folder ({PREFIX}_*) at {str(path)!r}")
+    return path
+
+
+def _without_keys(source: str, template, record: dict):
+    """`template` with PRNG keys as their raw data, and each key's implementation
+    by path (refused where the checkpoint's record names others)."""
+    expected_impls = {}
+
+    def data_template(path_, leaf):
+        if _is_key(leaf):
+            expected_impls[jax.tree_util.keystr(path_)] = _key_impl_name(leaf.dtype)
+            return _key_data_template(leaf)
+        return leaf
+
+    plain = jax.tree_util.tree_map_with_path(data_template, template)
+    if record.get("key_impls") != expected_impls:
+        raise CheckpointError(
+            f"{source} holds PRNG keys {record.get('key_impls')!r}, expected "
+            f"{expected_impls!r}"
+        )
+    return plain, expected_impls
+
+
 def load(path: str | os.PathLike, template) -> Checkpoint:
     """Reads a checkpoint and rebuilds `template`'s pytree from it.
 
@@ -499,32 +540,12 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
-    if path.is_dir() and not _NAME.match(path.name):
-        found = latest(path)
-        if found is None:
-            raise CheckpointError(f"no checkpoint ({PREFIX}_*) in {str(path)!r}")
-        path = found
-    elif not path.is_dir() or not _NAME.match(path.name):
-        raise CheckpointError(f"no checkpoint folder ({PREFIX}_*) at {str(path)!r}")
+    path = _checkpoint_folder(Path(path))
     source = repr(str(path))
     _check_seal(source, path)
     record = _restore(path, meta=ocp.args.JsonRestore())["meta"]
     record = _check_record(source, record)
-    expected_impls = {}
-
-    def data_template(path_, leaf):
-        if _is_key(leaf):
-            expected_impls[jax.tree_util.keystr(path_)] = _key_impl_name(leaf.dtype)
-            return _key_data_template(leaf)
-        return leaf
-
-    plain = jax.tree_util.tree_map_with_path(data_template, template)
-    if record.get("key_impls") != expected_impls:
-        raise CheckpointError(
-            f"{source} holds PRNG keys {record.get('key_impls')!r}, expected "
-            f"{expected_impls!r}"
-        )
+    plain, expected_impls = _without_keys(source, template, record)
     _check_leaves(source, record["leaves"], plain)
     target = _targets(plain)
     restored = _restore(path, state=ocp.args.StandardRestore(target))["state"]

@@ -138,6 +138,12 @@ def _dense(normals, fan_in, fan_out, scale=1.0):
     return {"w": w, "b": jnp.zeros((fan_out,))}
 
 
+def _one_of(what: str, value: str, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{what} must be one of {options}, got {value!r}")
+    return value
+
+
 def _mean_square(x: jax.Array, extent: jax.Array) -> jax.Array:
     """Mean of `x**2` over the true `extent` of a zero-padded `(batch, rows, cols)`."""
     inside = None
@@ -246,14 +252,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         self.step_mult = float(step_mult)
         self.param_scale_floor = float(param_scale_floor)
         self.bank_noise = float(bank_noise)
-        if step_scale not in STEP_SCALES:
-            raise ValueError(
-                f"step_scale must be one of {STEP_SCALES}, got {step_scale!r}"
-            )
-        self.step_scale = step_scale
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        self.schedule = schedule
+        self.step_scale = _one_of("step_scale", step_scale, STEP_SCALES)
+        self.schedule = _one_of("schedule", schedule, SCHEDULES)
         self.normalize_update = bool(normalize_update)
         fmas = F.mlp_multiply_adds(self._mlp_sizes)
         if fmas > F.FUSED_MAX_MULTIPLY_ADDS:
