@@ -107,6 +107,7 @@ def evaluate_suite(
     reference,
     only=None,
     baselines=("adam",),
+    out_dir=None,
 ):
     entries = suites.relabel(_entries(suite, only), families, max_horizon)
     result = evaluate.evaluate_suite(
@@ -118,6 +119,10 @@ def evaluate_suite(
         log=lambda line: print(f"[{suite}] {line}", flush=True),
     )
     refs = _reference_rows(reference, entries, num_seeds, seed) if reference else {}
+    if out_dir is not None:
+        from analysis.eval_plots import plot_suite
+
+        plot_suite(result, Path(out_dir) / suite)
     for row in result["rows"]:
         row.pop("curves", None)
         row["adam_untuned"] = {
@@ -127,6 +132,50 @@ def evaluate_suite(
             row["reference"] = refs[row["name"]]
     result["generalist_summary"] = summarize(result["rows"])
     return result
+
+
+def plot_ratios(results: dict, out_dir) -> Path:
+    """`ratios.png`: per task, the learned optimizer's final loss (validation where
+    the task has it) and parameter norm over tuned Adam's, by suite and split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.28 * _num_rows(results) + 1.5))
+    labels, loss_ratio, norm_ratio, colors = [], [], [], []
+    for suite, result in results.items():
+        for row in result["rows"]:
+            metric = (
+                "val_loss" if row["learned"]["val_loss"] is not None else "train_loss"
+            )
+            labels.append(f"{suite}: {row['name']}")
+            loss_ratio.append(row["learned"][metric] / row["adam"][metric])
+            norm_ratio.append(
+                row["learned"]["param_norm"] / row["adam"]["param_norm_val"]
+            )
+            colors.append("tab:blue" if row["split"] == "iid" else "tab:orange")
+    ys = np.arange(len(labels))
+    for ax, values, title in (
+        (axes[0], loss_ratio, "final loss / tuned Adam's (val where it exists)"),
+        (axes[1], norm_ratio, "parameter norm / tuned Adam's"),
+    ):
+        ax.barh(ys, values, color=colors)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(ys, labels if ax is axes[0] else [""] * len(ys), fontsize=7)
+        ax.invert_yaxis()
+    fig.suptitle("blue: in distribution, orange: out of distribution", fontsize=8)
+    fig.subplots_adjust(left=0.2, right=0.98, wspace=0.08)
+    path = Path(out_dir) / "ratios.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _num_rows(results: dict) -> int:
+    return sum(len(r["rows"]) for r in results.values())
 
 
 def divergence_check(path, suite_names, num_steps: int, seed: int, only=None):
@@ -244,6 +293,7 @@ def main(argv=None) -> None:
             args.reference,
             args.only,
             tuple(args.baselines),
+            out,
         )
         (out / f"{suite}.json").write_text(json.dumps(results[suite], indent=1))
     steps = args.divergence_steps or 5 * args.max_horizon
@@ -251,6 +301,7 @@ def main(argv=None) -> None:
         args.optimizer, args.suites, steps, args.seed, args.only
     )
     (out / "divergence.json").write_text(json.dumps(divergence, indent=1))
+    plot_ratios(results, out)
     text = report(results, divergence)
     text += f"\n({time.perf_counter() - start:.0f} s in all)\n"
     (out / "report.md").write_text(text)
