@@ -287,13 +287,34 @@ def _initial_theta(cfg, lopt, key):
         saved, theta, _ = export.load_theta(Path(str(path)).expanduser())
     except (OSError, export.OptimizerFileError) as err:
         raise UsageError(f"init_theta={path}: {err}") from None
-    if saved.name != lopt.name or saved.config() != lopt.config():
+    if saved.name != lopt.name or not _same_shapes(saved, lopt):
         raise UsageError(
             f"init_theta={path} holds a {saved.name!r} optimizer with config "
-            f"{saved.config()}; this run's lopt is {lopt.name!r} with "
-            f"{lopt.config()}: give the same lopt settings"
+            f"{saved.config()}, whose theta does not fit this run's {lopt.name!r} "
+            f"with {lopt.config()}: give lopt settings of the same sizes"
+        )
+    changed = {
+        k: (v, lopt.config().get(k))
+        for k, v in saved.config().items()
+        if lopt.config().get(k) != v
+    }
+    if changed:
+        print(
+            f"init_theta={path}: same theta shapes, lopt settings changed "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+            flush=True,
         )
     return theta
+
+
+def _same_shapes(a, b) -> bool:
+    """Whether two learned optimizers' thetas have one structure and shapes."""
+    import jax
+
+    shapes = [jax.eval_shape(lopt.init, jax.random.key(0)) for lopt in (a, b)]
+    return jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1]) and all(
+        x.shape == y.shape for x, y in zip(*map(jax.tree.leaves, shapes), strict=True)
+    )
 
 
 def _mesh_kwargs(cfg, make_estimator) -> dict:

@@ -91,6 +91,33 @@ def test_cosine_schedule_shrinks_the_last_steps_tenfold():
     assert all(x > y for x, y in zip(ratios[:-1], ratios[1:], strict=True))
 
 
+def test_step_floor_sizes_only_the_zero_initialised_tensors_steps():
+    theta = HierarchicalLOpt(**SMALL).init(jax.random.key(0))
+    low, high = (
+        _first_step(
+            HierarchicalLOpt(**SMALL, step_scale="initial", step_floor=f), theta
+        )
+        for f in (0.01, 0.1)
+    )
+    ratio = lambda k: float(jnp.linalg.norm(high[k]) / jnp.linalg.norm(low[k]))
+    assert ratio("b") == pytest.approx(10.0, rel=1e-3)  # zero bias: floored scale
+    assert ratio("w") == pytest.approx(1.0, rel=1e-5)  # its RMS is above both floors
+
+
+def test_weight_decay_pulls_each_tensor_towards_zero_as_adamw():
+    theta = HierarchicalLOpt(**SMALL).init(jax.random.key(0))
+    plain = _first_step(HierarchicalLOpt(**SMALL, step_mult=0.1), theta)
+    decayed = _first_step(
+        HierarchicalLOpt(**SMALL, step_mult=0.1, weight_decay=0.5), theta
+    )
+    params = jax.random.normal(jax.random.key(1), (8, 8))
+    pull = decayed["w"] - plain["w"]  # -0.5 * lr_mult * 0.1 * p
+    coef = float(jnp.sum(pull * params) / jnp.sum(params * params))
+    assert -0.1 < coef < -0.01, coef
+    np.testing.assert_allclose(np.asarray(pull), coef * np.asarray(params), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(decayed["b"]), np.asarray(plain["b"]))
+
+
 def test_bad_step_scale_is_refused_naming_the_valid_ones():
     with pytest.raises(ValueError, match="'param', 'initial'"):
         HierarchicalLOpt(**SMALL, step_scale="current")
@@ -98,7 +125,7 @@ def test_bad_step_scale_is_refused_naming_the_valid_ones():
         HierarchicalLOpt(**SMALL, schedule="linear")
 
 
-def test_init_theta_starts_from_the_file_and_refuses_another_optimizer(tmp_path):
+def test_init_theta_starts_from_the_file_and_refuses_other_sizes(tmp_path, capsys):
     lopt = HierarchicalLOpt(**SMALL, step_scale="initial")
     theta = jax.tree.map(lambda x: x + 0.5, lopt.init(jax.random.key(3)))
     path = tmp_path / "stage.safetensors"
@@ -106,9 +133,15 @@ def test_init_theta_starts_from_the_file_and_refuses_another_optimizer(tmp_path)
     loaded = _initial_theta({"init_theta": str(path)}, lopt, jax.random.key(0))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(theta), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    other = HierarchicalLOpt(**SMALL)  # step_scale differs
-    with pytest.raises(UsageError, match="step_scale"):
-        _initial_theta({"init_theta": str(path)}, other, jax.random.key(0))
+    recipe_change = HierarchicalLOpt(**SMALL, weight_decay=0.1)  # same shapes
+    loaded = _initial_theta({"init_theta": str(path)}, recipe_change, None)
+    assert jax.tree.structure(loaded) == jax.tree.structure(theta)
+    said = capsys.readouterr().out
+    assert "step_scale 'initial' -> 'param'" in said
+    assert "weight_decay 0.0 -> 0.1" in said
+    bigger = HierarchicalLOpt(**{**SMALL, "lstm_size": SMALL["lstm_size"] + 1})
+    with pytest.raises(UsageError, match="same sizes"):
+        _initial_theta({"init_theta": str(path)}, bigger, jax.random.key(0))
     with pytest.raises(UsageError, match="init_theta="):
         _initial_theta({"init_theta": str(tmp_path / "none")}, lopt, jax.random.key(0))
 

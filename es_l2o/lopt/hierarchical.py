@@ -184,6 +184,11 @@ class HierarchicalLOpt(LearnedOptimizer):
             `lr_mult * step_mult * scale * schedule`: the MLP sets the shape of the
             step, the per-tensor LSTM its size.
         schedule: a fixed step-size schedule under `lr_mult` (`SCHEDULES`).
+        step_floor: floor on the step's scale (default: `param_scale_floor`), so
+            that zero-initialised tensors (biases, output layers) take steps of a
+            useful size while `param_scale_floor` keeps the features' normaliser.
+        weight_decay: decoupled decay: each step also subtracts
+            `weight_decay * lr_mult * step_mult * schedule * p`, as AdamW's does.
 
     The initial `theta` behaves like momentum normalised by the root second moment
     (an Adam-like direction) with noise, so that meta-training starts from an
@@ -219,6 +224,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         step_scale: str = "param",
         normalize_update: bool = False,
         schedule: str = "constant",
+        step_floor: float | None = None,
+        weight_decay: float = 0.0,
     ):
         for what, value in (
             ("lstm_size", lstm_size),
@@ -247,6 +254,14 @@ class HierarchicalLOpt(LearnedOptimizer):
             raise ValueError(
                 f"param_scale_floor must be > 0, got {param_scale_floor!r}"
             )
+        step_floor = param_scale_floor if step_floor is None else step_floor
+        if step_floor <= 0 or weight_decay < 0:
+            raise ValueError(
+                f"step_floor must be > 0 and weight_decay >= 0, got {step_floor!r} "
+                f"and {weight_decay!r}"
+            )
+        self.step_floor = float(step_floor)
+        self.weight_decay = float(weight_decay)
         self.second_moment_decay = float(second_moment_decay)
         self.exp_mult = float(exp_mult)
         self.step_mult = float(step_mult)
@@ -279,6 +294,8 @@ class HierarchicalLOpt(LearnedOptimizer):
             "step_scale": self.step_scale,
             "normalize_update": self.normalize_update,
             "schedule": self.schedule,
+            "step_floor": self.step_floor,
+            "weight_decay": self.weight_decay,
         }
 
     # -- sizes ---------------------------------------------------------------------
@@ -650,9 +667,10 @@ class HierarchicalLOpt(LearnedOptimizer):
         rms_p = jnp.sqrt(sums["p2"])
         initial_rms = jnp.where(state.count == 0, rms_p, state.initial_rms)
         scale_p = jnp.maximum(rms_p, self.param_scale_floor)
-        step_p = scale_p
+        step_p = jnp.maximum(rms_p, self.step_floor)
         if self.step_scale == "initial":
-            step_p = jnp.maximum(initial_rms, self.param_scale_floor)
+            step_p = jnp.maximum(initial_rms, self.step_floor)
+        schedule = schedule_factor(self.schedule, state.count, num_steps)
         scales = {
             "inv_rms_g": jax.lax.rsqrt(sums["g2"] + 1e-30),
             "inv_scale_p": 1.0 / scale_p,
@@ -660,11 +678,10 @@ class HierarchicalLOpt(LearnedOptimizer):
             "inv_rms_sv": jax.lax.rsqrt(sums["v"] + 1e-30),  # rms of sqrt(v)
             "rms_sv": jnp.sqrt(sums["v"]),
             "eps_v": 1e-8 * sums["v"] + 1e-30,
-            "step": lr_mult
-            * self.step_mult
-            * step_p
-            * schedule_factor(self.schedule, state.count, num_steps),
+            "step": lr_mult * self.step_mult * step_p * schedule,
         }
+        if self.weight_decay:
+            scales["decay"] = self.weight_decay * lr_mult * self.step_mult * schedule
         return scales, initial_rms
 
     def _param_steps(self, groups, per_group, scales, weights, state, grads):
@@ -681,6 +698,17 @@ class HierarchicalLOpt(LearnedOptimizer):
         return [
             step.reshape(jnp.shape(g)).astype(jnp.result_type(g))
             for step, g in zip(steps, grads, strict=True)
+        ]
+
+    @staticmethod
+    def _decayed(steps, params, treedef, decay, groups) -> list[jax.Array]:
+        """Each step minus its tensor's decoupled weight decay."""
+        rows = groups.leaf_rows
+        return [
+            (step - decay[rows[i]] * p).astype(step.dtype)
+            for i, (step, p) in enumerate(
+                zip(steps, treedef.flatten_up_to(params), strict=True)
+            )
         ]
 
     def _update(self, theta, num_steps, updates, state, params, value):
@@ -707,6 +735,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         )
         scales, initial_rms = self._scales(sums, lr_mult, state, num_steps)
         steps = self._param_steps(groups, per_group, scales, weights, state, grads)
+        if self.weight_decay:
+            steps = self._decayed(steps, params, treedef, scales["decay"], groups)
         new_state = HierarchicalState(
             count=count,
             momenta=tuple(t[2] for t in per_group),
