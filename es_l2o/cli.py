@@ -293,10 +293,9 @@ def _initial_theta(cfg, lopt, key):
             f"{saved.config()}, whose theta does not fit this run's {lopt.name!r} "
             f"with {lopt.config()}: give lopt settings of the same sizes"
         )
+    wanted = lopt.config()
     changed = {
-        k: (v, lopt.config().get(k))
-        for k, v in saved.config().items()
-        if lopt.config().get(k) != v
+        k: (v, wanted.get(k)) for k, v in saved.config().items() if wanted.get(k) != v
     }
     if changed:
         print(
