@@ -549,10 +549,13 @@ def test_lopt_configs_build_their_class_and_survive_an_export(config, tmp_path):
     cls = {c.__name__: c for c in LOPTS.values()}[target.rsplit(".", 1)[1]]
     assert target == f"es_l2o.lopt.{cls.__name__}"
     lopt = cls(**cfg)
-    # the file's settings reach the optimizer (YAML lists, tuples in Python)
+    # the file's settings reach the optimizer (YAML lists, tuples in Python);
+    # a null setting means "the class's default" and comes back resolved
     config = lopt.config()
+    given = {k: v for k, v in cfg.items() if v is not None}
     assert {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()
-            if k in cfg} == cfg  # fmt: skip
+            if k in given} == given  # fmt: skip
+    assert all(config[k] is not None for k in cfg)
     # an exported optimizer comes back as the same class, settings and theta
     theta = jax.tree.map(lambda x: x + 0.25, lopt.init(jax.random.key(0)))
     export.save(tmp_path / "opt.safetensors", lopt, theta)
