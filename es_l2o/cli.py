@@ -80,7 +80,11 @@ def _fold(text: str) -> str:
     """`text`'s lines as one: a line ending in ':' is followed by its items."""
     folded, listing = "", False
     for line in (x.strip() for x in text.strip().splitlines()):
-        if not line or line.startswith(("object_type=", "reference_type=")):
+        if line.startswith("Config search path"):
+            break
+        if not line or line.startswith(
+            ("object_type=", "reference_type=", "To append to your config")
+        ):
             continue
         if line.startswith("full_key:"):
             folded += f" (key {line.partition(':')[2].strip()})"
@@ -1014,6 +1018,51 @@ def _run_suite(path: str, cfg, suite: str) -> dict:
     return result
 
 
+#: errors a task reports in one line (exit code 2), and a stopped run
+_TASK_ERRORS = (UsageError, OSError, MemoryError)
+#: what the task of a single run raised: re-raised by `_run_app` after Hydra returns
+#: (raised inside the task, Hydra would first print its own line about the job)
+_FAILED: list[BaseException] = []
+
+
+def _single_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.RUN
+
+
+def _reported(task):
+    """`task` whose errors in a single run are kept for `_run_app` to report (in a
+    sweep they go to Hydra, which names the failed job)."""
+
+    def run(cfg) -> None:
+        try:
+            task(cfg)
+        except (*_TASK_ERRORS, _Stopped) as err:
+            if not _single_run():
+                raise
+            _FAILED.append(err)
+
+    run.__module__, run.__qualname__ = task.__module__, task.__qualname__
+    return run
+
+
+def _check_flags(program: str, argv: list[str]) -> None:
+    """Hydra's flags in `argv` parsed once, a bad one as a UsageError (argparse would
+    print its whole usage)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = program
+
+    def error(message: str):
+        raise UsageError(f"{message} (see {program} --help)")
+
+    parser.error = error
+    parser.parse_args(argv)
+
+
 class _Terminated(BaseException):
     """SIGTERM outside meta-training (which handles it itself)."""
 
@@ -1034,13 +1083,17 @@ def _run_app(program: str, config_name: str, task, argv: list[str]) -> int:
     register()
     app = hydra.main(
         config_path=str(config_dir()), config_name=config_name, version_base=None
-    )(task)
+    )(_reported(task))
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     saved_argv = sys.argv
     sys.argv = [program, *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises: the one line is ours
+    _FAILED.clear()
     try:
+        _check_flags(program, argv)
         app()
+        if _FAILED:
+            raise _FAILED.pop()
     except SystemExit as done:  # --help, --info, argparse's usage errors
         return done.code if isinstance(done.code, int) else int(done.code is not None)
     except (
@@ -1097,7 +1150,8 @@ def _train_task(cfg) -> None:
     try:
         run_train(resumed_config(cfg, list(hydra_cfg.overrides.task)), output_dir)
     except UsageError:
-        _remove_empty(output_dir)
+        if all(cfg.get(k) in (None, "") for k in ("run_dir", "resume")):
+            _remove_empty(output_dir)  # Hydra's own folder, made for this run
         raise
 
 

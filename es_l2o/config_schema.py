@@ -88,8 +88,9 @@ class TrainConfig:
     checkpoint_keep: int = 3
     resume: str | None = None
     init_theta: str | None = None
-    progress: bool = True
-    tensorboard: bool = False
+    # true or false, checked where used (OmegaConf's bool would take 3 as true)
+    progress: Any = True
+    tensorboard: Any = False
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     meta_validation: MetaValidationConfig = field(default_factory=MetaValidationConfig)
