@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -1063,6 +1064,32 @@ def _check_flags(program: str, argv: list[str]) -> None:
     parser.parse_args(argv)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record comes (pytest swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        del value
+
+
+def _show_hydra_lines() -> None:
+    """Hydra's INFO lines ("Launching 2 jobs locally", each job's overrides) on
+    stdout. (Hydra's own logging setup, turned off in the configs, would close
+    every logging handler that exists and raise the root logger to INFO.)"""
+    for name in ("hydra", "hydra_plugins"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+            handler = _StdoutHandler()
+            handler.setFormatter(logging.Formatter("[HYDRA] %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 class _Terminated(BaseException):
     """SIGTERM outside meta-training (which handles it itself)."""
 
@@ -1081,6 +1108,7 @@ def _run_app(program: str, config_name: str, task, argv: list[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     register()
+    _show_hydra_lines()
     app = hydra.main(
         config_path=str(config_dir()), config_name=config_name, version_base=None
     )(_reported(task))

@@ -116,26 +116,6 @@ def _strict_json(path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def test_a_restarted_run_starts_clean_and_its_config_is_checked_on_resume(
-    tmp_path, capsys
-):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()  # as a run killed before its first checkpoint left it
-    (run_dir / "metrics.jsonl").write_text('{"iteration": 0}\n{"iteration": 1}\n')
-    (run_dir / "config.yaml").write_text("seed: 0\n")
-    assert train_main([*TINY, f"run_dir={run_dir}"]) == 0
-    assert "starting again (removed its metrics.jsonl)" in capsys.readouterr().out
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
-    _strict_json(run_dir / "summary.json")
-    config = run_dir / "config.yaml"
-    config.write_text(config.read_text().replace("std: 0.01", "std: 0.5"))
-    assert train_main([f"resume={run_dir}", "num_iterations=3"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "its config.yaml differs from the settings its checkpoint" in err
-    assert len(err.splitlines()) == 1
-
-
 def test_a_run_that_learned_nothing_says_so(tmp_path, capsys):
     argv = [*TINY, "num_iterations=1", "meta_validation.every=0", "lopt.step_mult=1e30"]
     assert train_main([*argv, "evaluation.num_tasks=2", f"run_dir={tmp_path}"]) == 2
