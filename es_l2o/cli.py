@@ -40,21 +40,25 @@ def config_dir() -> Path:
     raise UsageError(f"cannot find the configs folder near {here}")
 
 
-def _first_given(*values):
-    """The first of `values` that is set (not null, not empty), as a string."""
-    return next((str(v) for v in values if v not in (None, "")), None)
+def _output_dir(resume, run_dir, default) -> str:
+    """Hydra's output folder of a run: the resumed run's own (if it is a folder:
+    else the run refuses it, and Hydra should make nothing), `run_dir`, or the
+    default."""
+    if resume not in (None, ""):
+        return str(resume) if os.path.isdir(str(resume)) else "."
+    return str(run_dir) if run_dir not in (None, "") else str(default)
 
 
 def register() -> None:
     """Puts the typed schemas (es_l2o.config_schema) in Hydra's ConfigStore and
-    registers the `es_l2o.first` resolver the configs use; idempotent."""
+    registers the `es_l2o.output_dir` resolver the configs use; idempotent."""
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     from es_l2o import config_schema as schema
 
-    if not OmegaConf.has_resolver("es_l2o.first"):
-        OmegaConf.register_new_resolver("es_l2o.first", _first_given)
+    if not OmegaConf.has_resolver("es_l2o.output_dir"):
+        OmegaConf.register_new_resolver("es_l2o.output_dir", _output_dir)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=schema.TrainConfig)
     store.store(name="eval_schema", node=schema.EvalConfig)
@@ -1045,7 +1049,6 @@ def _reported(task):
                 raise
             _FAILED.append(err)
 
-    run.__module__, run.__qualname__ = task.__module__, task.__qualname__
     return run
 
 
@@ -1181,6 +1184,13 @@ def _train_task(cfg) -> None:
         if all(cfg.get(k) in (None, "") for k in ("run_dir", "resume")):
             _remove_empty(output_dir)  # Hydra's own folder, made for this run
         raise
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        folder = cfg.get("resume") or cfg.get("run_dir") or output_dir
+        raise UsageError(
+            f"cannot write the run's files in {folder}: {err.strerror or err}"
+        ) from None
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -118,6 +118,7 @@ def _strict_json(path):
 
 def test_a_run_that_learned_nothing_says_so(tmp_path, capsys):
     argv = [*TINY, "num_iterations=1", "meta_validation.every=0", "lopt.step_mult=1e30"]
+    argv.append("evaluation.learning_rates=[1e-3]")
     assert train_main([*argv, "evaluation.num_tasks=2", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "the run learned nothing: inner steps diverged" in err, err

@@ -46,7 +46,12 @@ def test_every_experiment_builds_its_run(experiment):
 
 
 def test_the_truncated_estimators_share_one_base():
-    configs = {o: cli.compose("config", [f"es={o}"]).es for o in ("pes", "tes", "nres")}
+    from omegaconf import OmegaConf
+
+    configs = {
+        o: OmegaConf.to_container(cli.compose("config", [f"es={o}"]).es)
+        for o in ("pes", "tes", "nres")
+    }
     targets = {o: c.pop("_target_") for o, c in configs.items()}
     assert len(set(targets.values())) == 3
     assert configs["pes"] == configs["tes"] == configs["nres"]
