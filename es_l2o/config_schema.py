@@ -11,10 +11,10 @@ bases of the `es/` options (the truncated estimators PES, TES and NRES share one
 Example:
     >>> from omegaconf import OmegaConf
     >>> cfg = OmegaConf.structured(SystemConfig)
-    >>> cfg.stagger = "yes"
+    >>> cfg.stagger = "maybe"
     Traceback (most recent call last):
     ...
-    omegaconf.errors.ValidationError: Invalid value 'yes', expected one of [True, False]
+    omegaconf.errors.ValidationError: Value 'maybe' is not a valid bool (type str)
         full_key: stagger
         object_type=SystemConfig
 """
