@@ -1239,8 +1239,9 @@ def _eval_argv(argv: list[str]) -> list[str]:
             and (config_dir() / "population" / f"{name}.yaml").is_file()
         ):
             print(f"population={name} (recorded in {path})", flush=True)
-            rest = [f"population={name}", *rest]
-    return [f"optimizer_file={_quoted(path)}", *rest]
+            rest = [*rest, f"population={name}"]
+    # after the given ones: Hydra's flags (-m, --cfg job) may come first there
+    return [*rest, f"optimizer_file={_quoted(path)}"]
 
 
 def eval_main(argv: list[str] | None = None) -> int:
