@@ -571,6 +571,23 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
     )
 
 
+def record(path: str | os.PathLike) -> dict:
+    """A sealed checkpoint's record (iteration, metrics position, the caller's
+    `metadata`, ...) without reading its arrays.
+
+    Raises:
+        CheckpointError: the folder is not a sealed checkpoint, or its record is
+            damaged.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    _check_seal(repr(str(path)), path)
+    return _check_record(
+        repr(str(path)), _restore(path, meta=ocp.args.JsonRestore())["meta"]
+    )
+
+
 def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """A checkpoint's record and arrays without a template: `(record, {path: array})`.
 

@@ -1,16 +1,24 @@
 """Command-line entry points; the only module that touches Hydra.
 
-    es-l2o-train [OVERRIDE ...]              meta-train, export, compare with Adam
-    es-l2o-eval OPTIMIZER_FILE [OVERRIDE ...]  compare a saved optimizer with Adam
+    es-l2o-train [--cfg job|hydra] [-m] [OVERRIDE ...]     meta-train, export, compare
+    es-l2o-eval OPTIMIZER_FILE [--cfg job|hydra] [-m] [OVERRIDE ...]  compare a file
 
-Overrides use Hydra's syntax (`es.population_size=64`, `lopt=mlp`). A bad option or
+Both are Hydra applications: overrides use Hydra's syntax (`es.population_size=64`,
+`lopt=mlp`), `-m` sweeps (`es.population_size=8,16`, with `hydra/launcher=joblib`
+or `submitit_slurm` from the `cluster` extra), `--cfg job` prints the composed
+config, `--help` the config groups, `--hydra-help` Hydra's own flags. A bad option or
 value ends the program with one line naming it and exit code 2.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +40,68 @@ def config_dir() -> Path:
     raise UsageError(f"cannot find the configs folder near {here}")
 
 
+def _output_dir(resume, run_dir, default) -> str:
+    """Hydra's output folder of a run: the resumed run's own (if it is a folder:
+    else the run refuses it, and Hydra should make nothing), `run_dir`, or the
+    default."""
+    if resume not in (None, ""):
+        return str(resume) if os.path.isdir(str(resume)) else "."
+    return str(run_dir) if run_dir not in (None, "") else str(default)
+
+
+def register() -> None:
+    """Puts the typed schemas (es_l2o.config_schema) in Hydra's ConfigStore and
+    registers the `es_l2o.output_dir` resolver the configs use; idempotent."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from es_l2o import config_schema as schema
+
+    if not OmegaConf.has_resolver("es_l2o.output_dir"):
+        OmegaConf.register_new_resolver("es_l2o.output_dir", _output_dir)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=schema.TrainConfig)
+    store.store(name="eval_schema", node=schema.EvalConfig)
+    store.store(name="full_es_schema", node=schema.FullESConfig)
+    store.store(name="truncated_es_schema", node=schema.TruncatedESConfig)
+
+
+def one_line(err: BaseException) -> str:
+    """An error and its causes as one line: Hydra's and OmegaConf's multi-line
+    messages folded (`full_key` kept, lists of valid options joined)."""
+    messages: list[str] = []
+    while err is not None and len(messages) < 3:
+        if isinstance(err, OSError) and err.filename is not None:
+            text = f"cannot use {err.filename}: {err.strerror or err}"
+        else:
+            text = _fold(str(err)) or type(err).__name__
+        if text not in messages and not any(text in m for m in messages):
+            messages.append(text)
+        err = err.__cause__
+    return ": ".join(messages)
+
+
+def _fold(text: str) -> str:
+    """`text`'s lines as one: a line ending in ':' is followed by its items."""
+    folded, listing = "", False
+    for line in (x.strip() for x in text.strip().splitlines()):
+        if line.startswith("Config search path"):
+            break
+        if not line or line.startswith(
+            ("object_type=", "reference_type=", "To append to your config")
+        ):
+            continue
+        if line.startswith("full_key:"):
+            folded += f" (key {line.partition(':')[2].strip()})"
+            continue
+        separator = ", " if listing and not folded.endswith(":") else " "
+        folded = (
+            line if not folded else folded + (separator if listing else "; ") + line
+        )
+        listing = listing or line.endswith(":")
+    return folded
+
+
 def compose(config_name: str, overrides: list[str]):
     """The composed config, or a UsageError naming the bad override."""
     from hydra import compose as hydra_compose
@@ -39,15 +109,15 @@ def compose(config_name: str, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register()
     try:
         with initialize_config_dir(
             str(config_dir()), version_base=None, job_name="es_l2o"
         ):
             return hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        message = str(err).strip().splitlines()[0]
         raise UsageError(
-            f"bad configuration ({' '.join(overrides)}): {message}"
+            f"bad configuration ({' '.join(overrides)}): {one_line(err)}"
         ) from None
 
 
@@ -82,6 +152,25 @@ def _horizon(value):
     return list(value) if isinstance(value, ListConfig | list | tuple) else value
 
 
+def json_safe(value):
+    """`value` with every non-finite float (a diverged loss) as null: strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, value) -> None:
+    """`value` as strict JSON (non-finite numbers as null), written atomically."""
+    from es_l2o import files
+
+    text = json.dumps(json_safe(value), indent=2, allow_nan=False, default=float)
+    files.write_atomic(path, text + "\n")
+
+
 def _compare_with_adam(family, optimizer, num_steps: int, evaluation) -> dict:
     from es_l2o import evaluate
 
@@ -100,7 +189,7 @@ def _compare(family, optimizer, num_steps: int, evaluation, out_dir: Path) -> di
     from es_l2o import evaluate
 
     result = _compare_with_adam(family, optimizer, num_steps, evaluation)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    write_json(out_dir / "summary.json", result)
     print(evaluate.format_table(result))
     return result
 
@@ -172,7 +261,7 @@ def _compare_families(mixture, optimizer, num_steps, evaluation, out_dir) -> dic
         results[name] = result
         print(f"family {name}:")
         print(evaluate.format_table(result))
-    (out_dir / "summary.json").write_text(json.dumps({"families": results}, indent=2))
+    write_json(out_dir / "summary.json", {"families": results})
     return results
 
 
@@ -223,14 +312,14 @@ def _plain(value):
     return value
 
 
-def train_config(argv: list[str]):
-    """The config of `es-l2o-train argv`; with `resume=RUN_DIR`, the run's own
-    config.yaml with only the keys of `RESUME_MAY_CHANGE` taken from `argv`."""
+def resumed_config(cfg, overrides: list[str]):
+    """`cfg` itself for a new run; with `resume=RUN_DIR`, the run's own config.yaml
+    with only the keys of `RESUME_MAY_CHANGE` taken from `overrides` (the command
+    line's), anything else that differs refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import DictConfig, OmegaConf
 
-    cfg = compose("config", argv)
     if cfg.get("resume") in (None, ""):
         return cfg
     run_dir = Path(str(cfg.resume)).expanduser().resolve()
@@ -242,14 +331,14 @@ def train_config(argv: list[str]):
         )
     try:
         saved = OmegaConf.load(saved_path)  # YAML data only: no code runs
-        overrides = OverridesParser.create().parse_overrides(argv)
+        parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise UsageError(f"resume={cfg.resume}: {err}") from None
+        raise UsageError(f"resume={cfg.resume}: {one_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - any YAML or file error
-        raise UsageError(f"resume: cannot read {saved_path}: {err}") from None
+        raise UsageError(f"resume: cannot read {saved_path}: {one_line(err)}") from None
     if not isinstance(saved, DictConfig):
         raise UsageError(f"resume: {saved_path} is not a mapping of settings")
-    given = {o.key_or_group for o in overrides} - {"resume"}
+    given = {o.key_or_group for o in parsed} - {"resume"}
     allowed = {k for k in given if k.split(".")[0] in RESUME_MAY_CHANGE}
     changed = []
     for key in sorted(given - allowed):
@@ -273,6 +362,24 @@ def train_config(argv: list[str]):
     # how this launch spreads over processes and devices, not the run's config.yaml
     saved.sharding = cfg.sharding
     return saved
+
+
+def train_config(argv: list[str]):
+    """The config `es-l2o-train argv` runs with (composed without Hydra's app
+    machinery; for scripts and tests)."""
+    return resumed_config(compose("config", argv), argv)
+
+
+def config_digest(config: dict) -> str:
+    """SHA-256 of a run's resolved settings, without those a resume may change
+    (recorded in every checkpoint; a resume checks its config.yaml against it)."""
+    kept = {
+        k: v
+        for k, v in config.items()
+        if k not in (*RESUME_MAY_CHANGE, "resume", "run_dir")
+    }
+    text = json.dumps(kept, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _initial_theta(cfg, lopt, key):
@@ -444,6 +551,7 @@ def _systems(cfg, family, lopt) -> list:
 
 def _estimator(cfg, family, systems):
     """The estimator `cfg.es` builds over `systems`."""
+    _positive_int(cfg, "es.population_size")
     make_estimator = instantiate(cfg.es)
     try:
         if _is_mixture(family):
@@ -479,25 +587,145 @@ def _validator(cfg, family, systems, theta0, every: int):
     return validation.Validator(loss, every)
 
 
-def _start_run_dir(cfg, run_dir: Path, newest: Path | None) -> None:
-    """Creates the run directory (or cleans a resumed one) and writes config.yaml."""
+class _Claim(NamedTuple):
+    """A run folder this process holds (an flock on RUN_DIR/.run.lock, released by
+    the kernel when the process ends, however it ends)."""
+
+    path: Path
+    fd: int
+
+
+#: the lock file that marks a run folder as held by a live run
+LOCK_NAME = ".run.lock"
+
+
+def _claim_run_dir(run_dir: Path, may_move: bool) -> _Claim:
+    """Claims `run_dir` for this run, atomically: a folder another live run holds is
+    refused, or (`may_move`, the default timestamped folder) this run takes the next
+    free `RUN_DIR_2`, `RUN_DIR_3`, ... instead."""
+    import fcntl
+
+    for attempt in range(1, 100):
+        name = run_dir.name if attempt == 1 else f"{run_dir.name}_{attempt}"
+        path = run_dir.with_name(name)
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if may_move:
+                continue
+            raise UsageError(
+                f"run_dir={run_dir} is in use by another run ({owner or 'running'}); "
+                "give another run_dir, or wait for that run to end"
+            ) from None
+        import socket
+
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return _Claim(path, fd)
+    raise UsageError(f"run_dir={run_dir}: 99 runs hold folders of that name")
+
+
+def _release(claim: _Claim | None) -> None:
+    if claim is not None:
+        os.close(claim.fd)  # the lock file stays; its lock goes
+
+
+def _remove_empty(folder: Path) -> None:
+    """Removes `folder` if it is empty (Hydra makes the output folder before the
+    run checks its settings: a refused run leaves nothing behind)."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _start_clean(run_dir: Path) -> None:
+    """A new run in a folder whose earlier run stopped before its first checkpoint
+    (nothing to resume): that run's metrics and theta go."""
+    import shutil
+
+    left = [run_dir / n for n in ("metrics.jsonl", "theta.safetensors", "summary.json")]
+    left = [p for p in left if p.exists()]
+    if (run_dir / "tensorboard").is_dir():
+        shutil.rmtree(run_dir / "tensorboard")
+        left.append(run_dir / "tensorboard")
+    for path in left:
+        if path.is_file():
+            path.unlink()
+    if left:
+        print(
+            f"run_dir={run_dir}: a run there stopped before its first checkpoint; "
+            f"starting again (removed its {', '.join(p.name for p in left)})",
+            flush=True,
+        )
+
+
+def _record_hydra(run_dir: Path) -> None:
+    """Hydra's record of the launch (overrides, Hydra settings) in RUN_DIR/.hydra,
+    written once the folder is claimed (Hydra's own writer would overwrite the files
+    of another run that holds the folder)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return
+    from es_l2o import files
+
+    hydra_cfg = HydraConfig.get()
+    overrides = OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task)))
+    files.write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides)
+    files.write_atomic(
+        run_dir / ".hydra" / "hydra.yaml",
+        OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+    )
+
+
+def _check_recorded_config(saved: dict, newest: Path, run_dir: Path) -> None:
+    """Refuses to resume from a config.yaml that differs from the settings the
+    checkpoint recorded (an edited config.yaml)."""
+    from es_l2o import checkpoint as ckpt
+
+    try:
+        recorded = ckpt.record(newest).get("metadata", {}).get("config_sha256")
+    except ckpt.CheckpointError:
+        return  # the restore names the damage
+    if recorded is not None and recorded != config_digest(saved):
+        raise UsageError(
+            f"resume={run_dir}: its config.yaml differs from the settings its "
+            f"checkpoint {newest.name} recorded (edited after the run started); "
+            "restore it, or start a new run with the new settings"
+        )
+
+
+def _start_run_dir(cfg, run_dir: Path, newest: Path | None) -> str:
+    """Writes config.yaml into the claimed run directory (cleaning what an earlier
+    run or killed writes left); returns the digest of its settings."""
     from omegaconf import OmegaConf
 
     from es_l2o import files, sharding
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     saved = OmegaConf.to_container(cfg, resolve=True)
-    saved["resume"] = None
+    saved["run_dir"], saved["resume"] = str(run_dir), None
+    if newest is not None:
+        _check_recorded_config(saved, newest, run_dir)
     if sharding.is_main_process():  # process 0 alone writes the run's files
+        if newest is None:
+            _start_clean(run_dir)
         for folder in (run_dir, run_dir / "checkpoints"):  # what killed writes left
             files.remove_temp_files(folder)
         files.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
+        _record_hydra(run_dir)
     print(f"run directory: {run_dir}", flush=True)
     if newest is not None:
         print(f"resuming from {newest}", flush=True)
+    return config_digest(saved)
 
 
-def _collaborators(cfg, settings: _TrainSettings, run_dir: Path, lopt, estimator):
+def _collaborators(
+    cfg, settings: _TrainSettings, run_dir: Path, lopt, estimator, digest: str
+):
     """The loop's `RunLog` and `Checkpointer` (which also exports the current theta
     to theta.safetensors whenever it checkpoints)."""
     from es_l2o import export, sharding
@@ -521,7 +749,7 @@ def _collaborators(cfg, settings: _TrainSettings, run_dir: Path, lopt, estimator
         run_dir / "checkpoints",
         every=settings.checkpoint_every,
         keep=settings.checkpoint_keep,
-        metadata={"seed": int(cfg.seed)},
+        metadata={"seed": int(cfg.seed), "config_sha256": digest},
         on_checkpoint=on_checkpoint,
     )
     return log, checkpointer
@@ -572,8 +800,29 @@ def _meta_train(run_dir: Path, num_iterations: int, **loop):
         _stop_after_lost_process(err, run_dir, checkpoint_dir)
 
 
+def _learned_nothing(result, summary: dict) -> str | None:
+    """Why the run learned nothing (None if it learned): every iteration had
+    non-finite inner steps and the exported optimizer's loss is not finite."""
+    history = result.history
+    if not history or not all(r.get("nonfinite_steps", 0) > 0 for r in history):
+        return None
+    rows = summary.get("families", {"": summary})
+    losses = [r["rows"]["learned"].get("train_loss") for r in rows.values()]
+    if all(v is not None and math.isfinite(v) for v in losses):
+        return None
+    steps = sum(int(r["nonfinite_steps"]) for r in history)
+    return (
+        f"the run learned nothing: inner steps diverged (non-finite loss or "
+        f"parameters) in every one of its {len(history)} iterations ({steps} steps "
+        f"in all), and the exported optimizer's training loss on the evaluation "
+        f"tasks is not finite; make its steps smaller (lopt.step_mult, lopt's "
+        f"initialisation) or perturb less (es.std)"
+    )
+
+
 def _export_and_compare(cfg, run_dir, lopt, family, systems, result, seconds):
-    """Exports the best theta to optimizer.safetensors and compares it with Adam."""
+    """Exports the best theta to optimizer.safetensors and compares it with Adam;
+    a UsageError when the run learned nothing."""
     from es_l2o import export
 
     horizon = systems[0].max_horizon
@@ -598,33 +847,65 @@ def _export_and_compare(cfg, run_dir, lopt, family, systems, result, seconds):
     )
     optimizer = export.load(optimizer_path, num_steps=horizon)
     if _is_mixture(family):
-        _compare_families(family, optimizer, horizon, cfg.evaluation, run_dir)
+        summary = {
+            "families": _compare_families(
+                family, optimizer, horizon, cfg.evaluation, run_dir
+            )
+        }
     else:
-        _compare(family, optimizer, horizon, cfg.evaluation, run_dir)
+        summary = _compare(family, optimizer, horizon, cfg.evaluation, run_dir)
+    reason = _learned_nothing(result, summary)
+    if reason is not None:
+        raise UsageError(reason)
 
 
-def run_train(cfg) -> Path:
+def _run_dir(cfg, output_dir: Path | None) -> tuple[Path, bool]:
+    """The run's folder and whether it may move to a free neighbour (only the
+    default one, Hydra's output folder, when neither run_dir nor resume is given)."""
+    if cfg.get("run_dir") not in (None, ""):
+        return Path(str(cfg.run_dir)).expanduser().resolve(), False
+    if output_dir is None:
+        raise UsageError("run_dir is not set: give run_dir=FOLDER")
+    return Path(output_dir).resolve(), cfg.get("resume") in (None, "")
+
+
+def run_train(cfg, output_dir: Path | None = None) -> Path:
     """Meta-trains, exports and evaluates as `cfg` says; returns the run directory.
 
-    With `cfg.resume` set (see `train_config`) the run continues from the newest
+    The run directory is `cfg.run_dir`, else `output_dir` (Hydra's output folder).
+    With `cfg.resume` set (see `resumed_config`) the run continues from the newest
     checkpoint in its `checkpoints/` folder, appending to its metrics.jsonl.
     """
-    import jax
-
     from es_l2o import sharding
 
     # the multi-host runtime must start before anything touches a JAX device
     _start_processes(cfg)
     settings = _train_settings(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
-    newest = _newest_checkpoint(run_dir, settings)
+    run_dir, may_move = _run_dir(cfg, output_dir)
     family, lopt = instantiate(cfg.population), instantiate(cfg.lopt)
     systems = _systems(cfg, family, lopt)
     estimator = _estimator(cfg, family, systems)
-    _start_run_dir(cfg, run_dir, newest)
+    # process 0 claims the folder for the run; the others share it
+    claim = _claim_run_dir(run_dir, may_move) if sharding.is_main_process() else None
+    try:
+        if claim is not None and claim.path != run_dir:
+            print(f"{run_dir} is in use by another run; this one uses {claim.path}")
+        run_dir = run_dir if claim is None else claim.path
+        return _train_in(cfg, settings, run_dir, family, lopt, systems, estimator)
+    finally:
+        _release(claim)
+
+
+def _train_in(cfg, settings, run_dir, family, lopt, systems, estimator) -> Path:
+    import jax
+
+    from es_l2o import sharding
+
+    newest = _newest_checkpoint(run_dir, settings)
+    digest = _start_run_dir(cfg, run_dir, newest)
     key_theta, key_meta = jax.random.split(jax.random.key(int(cfg.seed)))
     theta0 = _initial_theta(cfg, lopt, key_theta)
-    log, checkpointer = _collaborators(cfg, settings, run_dir, lopt, estimator)
+    log, checkpointer = _collaborators(cfg, settings, run_dir, lopt, estimator, digest)
     start = time.perf_counter()
     result = _meta_train(
         run_dir,
@@ -645,8 +926,34 @@ def run_train(cfg) -> Path:
     return run_dir
 
 
+def _file_metadata(path: str) -> dict:
+    """The metadata an optimizer file records (horizon, population, ...)."""
+    from es_l2o import export
+
+    if not os.path.isfile(path):
+        raise UsageError(f"no optimizer file at {path!r}")
+    try:
+        return export.load_theta(path)[2]
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _eval_horizon(cfg, path: str) -> int:
+    """`horizon` if given, else the horizon the optimizer file records."""
+    if cfg.get("horizon") is not None:
+        return _positive_int(cfg, "horizon")
+    recorded = _file_metadata(path).get("horizon")
+    if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
+        raise UsageError(
+            f"{path} records no horizon ({recorded!r}); give horizon=STEPS"
+        )
+    print(f"horizon={recorded} (recorded in {path})", flush=True)
+    return recorded
+
+
 def run_eval(path: str, cfg) -> dict:
-    """Compares the optimizer saved at `path` with Adam as `cfg` says."""
+    """Compares the optimizer saved at `path` with Adam as `cfg` says (the horizon
+    the file records unless `cfg.horizon` is given)."""
     from omegaconf import OmegaConf
 
     from es_l2o import export
@@ -654,9 +961,7 @@ def run_eval(path: str, cfg) -> dict:
     suite = OmegaConf.select(cfg, "suite", default=None)
     if suite is not None:
         return _run_suite(path, cfg, str(suite))
-    horizon = _positive_int(cfg, "horizon")
-    if not os.path.isfile(path):
-        raise UsageError(f"no optimizer file at {path!r}")
+    horizon = _eval_horizon(cfg, path)
     try:
         optimizer = export.load(path, num_steps=horizon)
     except ValueError as err:
@@ -717,47 +1022,234 @@ def _run_suite(path: str, cfg, suite: str) -> dict:
     return result
 
 
-def _main(program: str, body) -> int:
+#: errors a task reports in one line (exit code 2), and a stopped run
+_TASK_ERRORS = (UsageError, OSError, MemoryError)
+#: what the task of a single run raised: re-raised by `_run_app` after Hydra returns
+#: (raised inside the task, Hydra would first print its own line about the job)
+_FAILED: list[BaseException] = []
+
+
+def _single_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.RUN
+
+
+def _reported(task):
+    """`task` whose errors in a single run are kept for `_run_app` to report (in a
+    sweep they go to Hydra, which names the failed job)."""
+
+    def run(cfg) -> None:
+        try:
+            task(cfg)
+        except (*_TASK_ERRORS, _Stopped) as err:
+            if not _single_run():
+                raise
+            _FAILED.append(err)
+
+    return run
+
+
+def _check_flags(program: str, argv: list[str]) -> None:
+    """Hydra's flags in `argv` parsed once, a bad one as a UsageError (argparse would
+    print its whole usage)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = program
+
+    def error(message: str):
+        raise UsageError(f"{message} (see {program} --help)")
+
+    parser.error = error
+    parser.parse_args(argv)
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is when a record comes (pytest swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        del value
+
+
+def _show_hydra_lines() -> None:
+    """Hydra's INFO lines ("Launching 2 jobs locally", each job's overrides) on
+    stdout. (Hydra's own logging setup, turned off in the configs, would close
+    every logging handler that exists and raise the root logger to INFO.)"""
+    for name in ("hydra", "hydra_plugins"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+            handler = _StdoutHandler()
+            handler.setFormatter(logging.Formatter("[HYDRA] %(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside meta-training (which handles it itself)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    del frame
+    raise _Terminated(signum)
+
+
+def _run_app(program: str, config_name: str, task, argv: list[str]) -> int:
+    """Runs `task` as the Hydra application `program` over `argv` (Hydra's flags
+    and overrides); Hydra's and the task's errors become one line and exit code 2
+    (HYDRA_FULL_ERROR=1 shows their tracebacks instead)."""
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    _show_hydra_lines()
+    app = hydra.main(
+        config_path=str(config_dir()), config_name=config_name, version_base=None
+    )(_reported(task))
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    saved_argv = sys.argv
+    sys.argv = [program, *argv]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises: the one line is ours
+    _FAILED.clear()
     try:
-        body()
-    except (UsageError, MemoryError) as err:
-        print(f"{program}: error: {err}", file=sys.stderr)
+        _check_flags(program, argv)
+        app()
+        if _FAILED:
+            raise _FAILED.pop()
+    except SystemExit as done:  # --help, --info, argparse's usage errors
+        return done.code if isinstance(done.code, int) else int(done.code is not None)
+    except (
+        UsageError,
+        HydraException,
+        OmegaConfBaseException,
+        OSError,
+        MemoryError,
+    ) as err:
+        if full_error:
+            raise
+        print(f"{program}: error: {one_line(err)}", file=sys.stderr, flush=True)
         return USAGE_ERROR
+    finally:
+        sys.argv = saved_argv
+        if not full_error:
+            del os.environ["HYDRA_FULL_ERROR"]
     return 0
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """`es-l2o-train [OVERRIDE ...]`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
+def _stopping_lines(program: str, body) -> int:
+    """`body()` with SIGTERM, Ctrl-C and a stopped meta-training each reported in
+    one line with their exit status."""
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave them alone
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return _main("es-l2o-train", lambda: run_train(train_config(argv)))
+        return body()
     except _Stopped as stopped:
-        print(f"es-l2o-train: {stopped}", file=sys.stderr, flush=True)
+        print(f"{program}: {stopped}", file=sys.stderr, flush=True)
         return stopped.code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as err:
+        signum = err.args[0] if isinstance(err, _Terminated) else signal.SIGINT
         print(
-            "es-l2o-train: interrupted; a run that wrote a checkpoint continues with "
+            f"{program}: stopped by {signal.Signals(signum).name} outside "
+            "meta-training; a run that wrote a checkpoint continues with "
             "es-l2o-train resume=RUN_DIR",
             file=sys.stderr,
             flush=True,
         )
-        return SIGNAL_EXIT_BASE + 2
+        return SIGNAL_EXIT_BASE + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _train_task(cfg) -> None:
+    """The Hydra task of es-l2o-train: one run in Hydra's output folder (or
+    run_dir, or the resumed run's own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        run_train(resumed_config(cfg, list(hydra_cfg.overrides.task)), output_dir)
+    except UsageError:
+        if all(cfg.get(k) in (None, "") for k in ("run_dir", "resume")):
+            _remove_empty(output_dir)  # Hydra's own folder, made for this run
+        raise
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        folder = cfg.get("resume") or cfg.get("run_dir") or output_dir
+        raise UsageError(
+            f"cannot write the run's files in {folder}: {err.strerror or err}"
+        ) from None
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`es-l2o-train [HYDRA FLAGS] [OVERRIDE ...]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return _stopping_lines(
+        "es-l2o-train", lambda: _run_app("es-l2o-train", "config", _train_task, argv)
+    )
+
+
+def _eval_task(cfg) -> None:
+    """The Hydra task of es-l2o-eval."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("optimizer_file") in (None, ""):
+        raise UsageError(
+            "missing OPTIMIZER_FILE: es-l2o-eval OPTIMIZER_FILE [OVERRIDE ...]"
+        )
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN and cfg.get("output_dir") is None:
+        cfg.output_dir = hydra_cfg.runtime.output_dir  # one folder per job
+    run_eval(str(cfg.optimizer_file), cfg)
+
+
+def _quoted(value: str) -> str:
+    """`value` as a quoted string of Hydra's override grammar."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _eval_argv(argv: list[str]) -> list[str]:
+    """es-l2o-eval's arguments as Hydra's: OPTIMIZER_FILE becomes
+    `optimizer_file=...`, and the population the file records becomes
+    `population=NAME` where a config of that name exists and none is given."""
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        return argv
+    path, rest = argv[0], argv[1:]
+    given = any(a.lstrip("+~").startswith("population=") for a in rest)
+    if not given and os.path.isfile(path):
+        try:
+            name = _file_metadata(path).get("population")
+        except UsageError:
+            name = None  # the run names the damage
+        if (
+            isinstance(name, str)
+            and (config_dir() / "population" / f"{name}.yaml").is_file()
+        ):
+            print(f"population={name} (recorded in {path})", flush=True)
+            rest = [*rest, f"population={name}"]
+    # after the given ones: Hydra's flags (-m, --cfg job) may come first there
+    return [*rest, f"optimizer_file={_quoted(path)}"]
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    """`es-l2o-eval OPTIMIZER_FILE [OVERRIDE ...]`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("es-l2o-eval: error: missing OPTIMIZER_FILE\n" + __doc__, file=sys.stderr)
-        return USAGE_ERROR
-    if argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    path, overrides = argv[0], argv[1:]
-    return _main("es-l2o-eval", lambda: run_eval(path, compose("eval", overrides)))
+    """`es-l2o-eval OPTIMIZER_FILE [HYDRA FLAGS] [OVERRIDE ...]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return _stopping_lines(
+        "es-l2o-eval",
+        lambda: _run_app("es-l2o-eval", "eval", _eval_task, _eval_argv(argv)),
+    )
 
 
 if __name__ == "__main__":

@@ -65,6 +65,14 @@ def progress_fields(record: dict) -> dict[str, str]:
     return fields
 
 
+def _strict(record: dict) -> dict:
+    """`record` with non-finite numbers as None (strict JSON has no NaN)."""
+    return {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v
+        for k, v in record.items()
+    }
+
+
 class RunLog:
     """One record per iteration to metrics.jsonl, TensorBoard and a progress bar.
 
@@ -126,7 +134,8 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         """Reports one iteration's record (it must hold "iteration")."""
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            line = json.dumps(_strict(record), allow_nan=False)  # NaN, inf: null
+            self._file.write(line + "\n")
             self._file.flush()
             self.position += 1
         if self._board is not None:

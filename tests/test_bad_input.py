@@ -5,7 +5,12 @@ import hashlib
 import io
 import json
 import pickle
+import signal
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -40,13 +45,23 @@ TINY = [
     [
         (["checkpoint_keep=0"], "checkpoint_keep must be an integer >= 1, got 0"),
         (["checkpoint_every=-5"], "checkpoint_every must be an integer >= 0, got -5"),
-        (["checkpoint_every=2.5"], "checkpoint_every must be an integer >= 0, got 2.5"),
+        (["checkpoint_every=2.5"], "Integer (key checkpoint_every)"),
         (["tensorboard=maybe"], "tensorboard must be true or false, got 'maybe'"),
         (["progress=3"], "progress must be true or false, got 3"),
         (["num_iterations=-1"], "num_iterations must be a positive integer, got -1"),
         (["es.std=-0.1"], "std must be > 0, got -0.1"),
         (["checkpoint_evry=5"], "checkpoint_evry"),
         (["population=nope"], "nope"),
+        # the probes of issue 18
+        (["es.population_size=-4"], "es.population_size must be a positive integer"),
+        (["es.population_size=0"], "es.population_size must be a positive integer"),
+        (["es.population_size=2.5"], "converted to Integer (key es.population_size)"),
+        (["es.population_size=eight"], "'eight' of type 'str' could not be converted"),
+        (["es.std=abc"], "converted to Float (key es.std)"),
+        (["lopt=mlpp"], "Available options in 'lopt': deep_momentum, hierarchical"),
+        (["system.horizn=3"], "Key 'horizn' not in 'SystemConfig'"),
+        (["es=pes", "es.particle_chunk=2"], "not in 'TruncatedESConfig'"),
+        (["--cfg", "jobx"], "invalid choice: 'jobx'"),
     ],
 )
 def test_a_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys):
@@ -55,6 +70,84 @@ def test_a_bad_option_is_one_line_naming_it(argv, message, tmp_path, capsys):
     assert err.startswith("es-l2o-train: error:") and message in err, err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/x", "file", "file/below"])
+def test_an_unwritable_output_folder_is_one_line(where, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    folder = where if where.startswith("/") else tmp_path / where
+    assert train_main([*TINY, f"run_dir={folder}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"es-l2o-train: error: cannot use {folder}:"), err
+    assert len(err.splitlines()) == 1
+
+
+def test_eval_into_an_unwritable_folder_is_one_line(saved, capsys):
+    assert eval_main([str(saved), "horizon=4", "output_dir=/proc/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("es-l2o-eval: error: cannot use /proc/x")
+        and len(err.splitlines()) == 1
+    )
+
+
+def test_a_folder_held_by_a_live_run_is_refused(tmp_path, capsys):
+    from es_l2o.cli import _claim_run_dir, _release
+
+    claim = _claim_run_dir(tmp_path, may_move=False)  # as a running run holds it
+    try:
+        assert train_main([*TINY, f"run_dir={tmp_path}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"run_dir={tmp_path} is in use by another run (process" in err
+        assert len(err.splitlines()) == 1
+        # the default folder (none given) moves to a free neighbour instead
+        other = _claim_run_dir(tmp_path, may_move=True)
+        assert other.path == tmp_path.with_name(f"{tmp_path.name}_2")
+        _release(other)
+    finally:
+        _release(claim)
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_run_that_learned_nothing_says_so(tmp_path, capsys):
+    argv = [*TINY, "num_iterations=1", "meta_validation.every=0", "lopt.step_mult=1e30"]
+    argv.append("evaluation.learning_rates=[1e-3]")
+    assert train_main([*argv, "evaluation.num_tasks=2", f"run_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the run learned nothing: inner steps diverged" in err, err
+    assert "lopt.step_mult" in err and len(err.splitlines()) == 1
+    summary = _strict_json(tmp_path / "summary.json")
+    assert summary["rows"]["learned"]["train_loss"] is None
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(c))
+
+
+def test_sigterm_during_start_up_is_one_line(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "es_l2o.cli", *TINY, f"run_dir={tmp_path}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until es-l2o-train catches SIGTERM
+        caught = next(x for x in status.read_text().splitlines() if "SigCgt" in x)
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().startswith("es-l2o-train: stopped by SIGTERM"), err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_resume_of_a_folder_without_a_run(tmp_path, capsys):

@@ -21,11 +21,58 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for this module: its runs compile the
+    same programs (the sweep's two jobs, the resumed run, the evaluation), which
+    then compile once (about half the module's time on a 2-core CPU)."""
+    import jax
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], -1)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    assert train_main([*TINY, f"run_dir={run_dir}"]) == 0
-    return run_dir
+def sweep(tmp_path_factory):
+    """A two-job sweep (`-m seed=0,1`) through the joblib launcher (one worker: in
+    this process); job 1's folder holds what a run killed before its first
+    checkpoint left there."""
+    folder = tmp_path_factory.mktemp("sweep")
+    (folder / "1").mkdir()
+    (folder / "1" / "metrics.jsonl").write_text('{"iteration": 0}\n{"iteration": 7}\n')
+    argv = ["-m", *TINY, "seed=0,1", "hydra/launcher=joblib"]
+    argv += ["hydra.launcher.n_jobs=1", f"hydra.sweep.dir={folder}"]
+    assert train_main(argv) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(sweep):
+    return sweep / "0"
+
+
+def test_a_sweep_writes_one_run_folder_per_job(sweep):
+    assert (sweep / "multirun.yaml").is_file()
+    for job, seed in (("0", 0), ("1", 1)):
+        assert (
+            export.load_theta(sweep / job / "optimizer.safetensors")[2]["seed"] == seed
+        )
+        assert (
+            f"- seed={seed}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        )
+    # the run started again in job 1's folder began with fresh metrics
+    lines = (sweep / "1" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [0, 1]
 
 
 def test_tiny_run_writes_the_run_directory(tiny_run):
@@ -74,17 +121,18 @@ def test_a_resumed_run_removes_the_temporary_files_of_killed_writes(tiny_run, tm
     assert [json.loads(x)["iteration"] for x in lines] == [0, 1, 2]
 
 
-def test_eval_reads_a_saved_optimizer(tiny_run, tmp_path):
-    code = eval_main(
+def test_eval_reads_a_saved_optimizer(tiny_run, tmp_path, capsys):
+    code = eval_main(  # the horizon and population the file records
         [
             str(tiny_run / "optimizer.safetensors"),
-            "horizon=4",
             "evaluation.num_tasks=2",
             "evaluation.learning_rates=[1e-3]",
             f"output_dir={tmp_path}",
         ]
     )
     assert code == 0
+    out = capsys.readouterr().out
+    assert "population=digits_mlp (recorded in" in out and "horizon=4 (recorded" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_steps"] == 4 and summary["num_tasks"] == 2
 
@@ -121,6 +169,17 @@ def test_eval_bad_files_are_one_clear_line(tiny_run, tmp_path, capsys):
     assert "truncated" in capsys.readouterr().err
     assert eval_main([str(tiny_run / "optimizer.safetensors"), "horizon=0"]) == 2
     assert "horizon must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_a_resume_checks_its_config_against_the_checkpoint(tiny_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("std: 0.01", "std: 0.5"))
+    assert train_main([f"resume={run_dir}", "num_iterations=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its config.yaml differs from the settings its checkpoint" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
