@@ -14,7 +14,8 @@ matrix product per leaf.
 
 `LowRankOpenES` is evosax's Open_ES (`KeyedOpenES`) on such perturbations;
 `LowRankStoredNoise` is the truncated estimators' stored noise with per-pair
-factors (the accumulated scores stay dense per pair, as PES keeps them).
+factors (the accumulated scores stay dense per pair, as PES keeps them, one array
+per leaf).
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -36,10 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from evosax.core.fitness_shaping import centered_rank_fitness_shaping_fn
+from flax import struct
+from jax.sharding import Mesh
 
 from es_l2o import sharding
 from es_l2o.es.keyed import KeyedOpenES
-from es_l2o.es.noise import StoredNoise, StoredNoiseState
+from es_l2o.es.noise import Rows
 from es_l2o.lowrank import LowRankPerturbed
 
 
@@ -71,6 +74,10 @@ class _Leaf:
     rank: int  # r'
 
     @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
     def count(self) -> int:
         if not self.rows:
             return int(np.prod(self.shape, dtype=np.int64))
@@ -85,6 +92,19 @@ class _Leaf:
         a = x[..., :cut].reshape((*x.shape[:-1], self.rows, self.rank))
         b = x[..., cut:].reshape((*x.shape[:-1], self.cols, self.rank))
         return a, b
+
+
+#: up to this rank `expand` sums outer products elementwise (one fused pass that
+#: writes the result once; XLA's CPU dot with so short a contraction is ~10x slower)
+_ELEMENTWISE_RANK = 8
+
+
+def _outer_sum(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b^T` over the last two axes of (..., m, r) and (..., n, r)."""
+    if a.shape[-1] > _ELEMENTWISE_RANK:
+        return jnp.einsum("...mr,...nr->...mn", a, b)
+    terms = (a[..., :, k, None] * b[..., None, :, k] for k in range(a.shape[-1]))
+    return sum(terms)
 
 
 class LowRankLayout:
@@ -149,18 +169,24 @@ class LowRankLayout:
             [self._leaf_sum(leaf, factors, weights) for leaf in self.leaves]
         )
 
-    def expand(self, factors: jax.Array) -> jax.Array:
-        """The flat unit perturbations (..., D) of factors (..., E) (forms them)."""
+    def leaf_perturbations(self, factors: jax.Array) -> list[jax.Array]:
+        """Each leaf's flat unit perturbation (..., size) of factors (..., E)."""
         parts = []
         for leaf in self.leaves:
             if not leaf.rows:
-                x = leaf.split(factors)
-                parts.append(x.reshape((*factors.shape[:-1], -1)))
+                parts.append(leaf.split(factors).reshape((*factors.shape[:-1], -1)))
                 continue
-            a, b = leaf.split(factors)
-            z = jnp.einsum("...mr,...nr->...mn", a, b) / math.sqrt(leaf.rank)
+            z = _outer_sum(*leaf.split(factors)) / math.sqrt(leaf.rank)
             parts.append(z.reshape((*factors.shape[:-1], -1)))
-        return jnp.concatenate(parts, axis=-1)
+        return parts
+
+    def expand(self, factors: jax.Array) -> jax.Array:
+        """The flat unit perturbations (..., D) of factors (..., E) (forms them)."""
+        return jnp.concatenate(self.leaf_perturbations(factors), axis=-1)
+
+    def score_dot(self, weights: jax.Array, score) -> jax.Array:
+        """`weights @ score` (D,) of per-leaf scores (`LowRankStoredNoise`)."""
+        return jnp.concatenate([weights @ s for s in score])
 
 
 class LowRankOpenES(KeyedOpenES):
@@ -243,44 +269,118 @@ class LowRankOpenES(KeyedOpenES):
         return sharding.replicate(self.layout.weighted_sum(draws, weights), mesh)
 
 
-class LowRankStoredNoise(StoredNoise):
-    """`StoredNoise` with each pair's perturbation kept as unit low-rank factors.
+@struct.dataclass
+class LowRankNoiseState:
+    """pert: each pair's current unit factors (M, E); score: its episode's
+    accumulated `eps / std^2`, one (M, size) array per leaf of theta (so that each
+    leaf's update is one fused pass, with no flat M x D copy); ask_key: the key data
+    of the last draw; restarted: (M,) pairs whose score restarts at the next
+    `advance` (done there, in the same pass as the accumulation)."""
 
-    `pert` is (M, E) unit factors (the std is applied where a theta is built);
-    `score` stays dense (M, D), the accumulated `eps / std^2` that PES keeps in any
-    case. `pair_noise` returns `(factors, score, switch factors)`.
+    pert: jax.Array
+    score: tuple
+    ask_key: jax.Array
+    restarted: jax.Array
+
+
+class LowRankStoredNoise:
+    """The truncated estimators' stored noise with low-rank perturbations.
+
+    Each pair keeps its current perturbation as unit factors (M x E; the std is
+    applied where a theta is built) and its accumulated score dense per leaf (M x D
+    in all, which PES keeps in any case). `pair_noise` returns `(factors, score,
+    switch factors)`; `advance` reads and writes the score once per meta-iteration.
+
+    Args:
+        layout: theta's `LowRankLayout`; num_pairs: M; spec: where the rows live
+            (`es_l2o.sharding.pair_sharding`; None: whole).
     """
 
     def __init__(self, layout: LowRankLayout, num_pairs: int, spec=None):
-        super().__init__(num_pairs, layout.num_dims, spec)
-        self.layout = layout
+        self.layout, self.num_pairs, self.spec = layout, num_pairs, spec
+        self.num_dims = layout.num_dims
 
-    def init(self, key: jax.Array) -> StoredNoiseState:
-        factors = jnp.zeros((self.num_pairs, self.layout.num_factors))
-        score = jnp.zeros((self.num_pairs, self.num_dims))
-        return StoredNoiseState(factors, score, jax.random.key_data(key))
+    def init(self, key: jax.Array) -> LowRankNoiseState:
+        m = self.num_pairs
+        score = tuple(jnp.zeros((m, leaf.size)) for leaf in self.layout.leaves)
+        factors = jnp.zeros((m, self.layout.num_factors))
+        no = jnp.zeros((m,), bool)
+        return LowRankNoiseState(factors, score, jax.random.key_data(key), no)
 
-    def _normal(self, key: jax.Array, std) -> jax.Array:
-        del std  # unit factors
-        draws = jax.random.normal(key, (self.num_pairs, self.layout.num_factors))
-        return sharding.constrain(draws, self.spec)
+    def _factors(self, key: jax.Array) -> jax.Array:
+        """Unit factors (M, E), one pair at a time: a loop, so that XLA makes them
+        once. Fused into the M x D score update, it would draw every factor again
+        for each entry it multiplies (4x the update's time at VeLO size; an
+        optimization barrier does not stop it on the CPU)."""
+        keys = jax.random.split(key, self.num_pairs)
+        return sharding.constrain(jax.lax.map(self.layout.draw, keys), self.spec)
 
-    def _score(self, factors, std):
-        return self.layout.expand(factors) / std
+    def switch(self, noise, std) -> jax.Array:
+        """The fresh factors (M, E) new episodes switch to under noise reuse."""
+        del std
+        key = jax.random.fold_in(jax.random.wrap_key_data(noise.ask_key), 1)
+        return self._factors(key)
 
     def advance(self, noise, key, std, draw, rule):
-        fresh = self._normal(key, std)
-        return StoredNoiseState(
+        fresh = self._factors(key)
+        restart = self.layout.leaf_perturbations(noise.pert)
+        scores = []
+        for score, old, new in zip(
+            noise.score, restart, self.layout.leaf_perturbations(fresh), strict=True
+        ):
+            score = jnp.where(noise.restarted[:, None], old / std, score)
+            scores.append(rule.accumulate(score, new / std, draw))
+        return LowRankNoiseState(
             pert=jnp.where(draw[:, None], fresh, noise.pert),
-            score=rule.accumulate(noise.score, self._score(fresh, std), draw),
+            score=sharding.constrain(tuple(scores), self.spec),
             ask_key=jax.random.key_data(key),
+            restarted=jnp.zeros_like(noise.restarted),
         )
+
+    def pair_noise(self, noise, pairs, std, rule) -> Rows:
+        """Rows of `pairs`, or with None of every pair as they are (no gather)."""
+        switch = self.switch(noise, std) if rule.reuses else noise.pert
+        rows = (noise.pert, noise.score, switch)
+        if pairs is None:
+            return rows
+        return jax.tree.map(lambda x: x[pairs], rows)
+
+    def particle_noise(self, noise, std, rule, mesh) -> Rows:
+        particles = sharding.shard_population(
+            jnp.arange(2 * self.num_pairs) % self.num_pairs, mesh
+        )
+        rows = self.pair_noise(noise, particles, std, rule)
+        return sharding.shard_population(rows, mesh)
 
     def restart(self, noise, reset, std, rule):
         if not rule.restarts:
             return noise
         new = self.switch(noise, std) if rule.reuses else noise.pert
+        # the score restarts lazily: at the next advance, from these factors
         return noise.replace(
             pert=jnp.where(reset[:, None], new, noise.pert),
-            score=jnp.where(reset[:, None], self._score(new, std), noise.score),
+            restarted=noise.restarted | reset,
+        )
+
+    def overflow(self, noise, rule) -> jax.Array:
+        del noise, rule  # stored rows never run out
+        return jnp.zeros((), jnp.int32)
+
+    def constrain(self, noise, replicate: bool = False, mesh: Mesh | None = None):
+        rows = {"pert": noise.pert, "score": noise.score}
+        if self.spec is None:
+            return sharding.replicate(noise, mesh) if replicate else noise
+        rows = sharding.constrain(rows, self.spec)
+        if replicate:
+            rest = {"ask_key": noise.ask_key, "restarted": noise.restarted}
+            rows.update(sharding.replicate(rest, mesh))
+        return noise.replace(**rows)
+
+    def place(self, noise, mesh: Mesh | None):
+        noise = sharding.put_replicated(noise, mesh)
+        if self.spec is None or mesh is None or mesh.devices.size == 1:
+            return noise
+        return noise.replace(
+            pert=jax.device_put(noise.pert, self.spec),
+            score=jax.device_put(noise.score, self.spec),
         )

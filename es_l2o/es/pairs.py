@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from es_l2o import sharding
 from es_l2o.es import common
-from es_l2o.es.lowrank import LowRankLayout
+from es_l2o.es.lowrank import LowRankLayout, LowRankStoredNoise
 from es_l2o.es.noise import NoiseStore, Rows
 from es_l2o.es.truncation import Truncation
 from es_l2o.es.weighting import Weighting
@@ -123,10 +123,10 @@ def gradient(
         layout: low rank: `switch` rows are unit factors (`LowRankStoredNoise`).
     """
 
-    def switch_sum(new, switch):
+    def noise_sum(old, score, new, switch):
         if layout is None:
-            return new @ (switch / std**2)
-        return layout.weighted_sum(switch, new) / std
+            return old @ score + new @ (switch / std**2)
+        return layout.score_dot(old, score) + layout.weighted_sum(switch, new) / std
 
     population_size = 2 * store.num_pairs
     if rows is not None:
@@ -134,12 +134,12 @@ def gradient(
         if per_particle:  # both partners carry their pair's noise: halve
             d_old = 0.5 * jnp.concatenate([d_old, d_old])
             d_new = 0.5 * jnp.concatenate([d_new, d_new])
-        total = d_old @ score + switch_sum(d_new, switch)
+        total = noise_sum(d_old, score, d_new, switch)
         return total / population_size
 
     def chunk_sum(pairs, old, new):
         _, score, switch = store.pair_noise(noise, pairs, std, rule)
-        return old @ score + switch_sum(new, switch)
+        return noise_sum(old, score, new, switch)
 
     chunk = store.num_pairs if chunk is None else chunk
     groups = store.num_pairs // chunk
@@ -190,6 +190,8 @@ class PairPopulation:
             return None, False
         if sharding.population_devices(self.mesh) > 1:
             return store.particle_noise(noise, std, rule, self.mesh), True
+        if isinstance(store, LowRankStoredNoise):  # all rows, no gather
+            return store.pair_noise(noise, None, std, rule), False
         return store.pair_noise(noise, jnp.arange(store.num_pairs), std, rule), False
 
     def _unroll_group(self, mean, noise, std, group, xs, rows=None, per=False):
