@@ -25,6 +25,8 @@ Usage:
         [--rank 1] [--rounds 5] [--budget-s 120] [--out analysis/results/velo_es]
 
 Writes OUT/bench_velo_es.csv, OUT/bench_velo_es.json and OUT/bench_velo_es.md.
+With `--estimator full_es` the iteration is FullES (Open_ES) over K-step full
+unrolls instead (the floor then omits the unroll's initialisation).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import yaml
 
 from analysis.bench_step import round_robin
-from es_l2o.es import PES
+from es_l2o.es import PES, FullES
 from es_l2o.lopt import HierarchicalLOpt
 from es_l2o.unroll import LOptTraining
 from populations.digits import DigitsMLPFamily
@@ -68,15 +70,19 @@ def families() -> dict:
     }
 
 
-def estimator_fn(system, theta, population: int, rank):
-    """(jitted meta-iteration, args) of PES with stored noise at `rank`."""
-    es = PES(
-        system,
-        population_size=population,
-        std=0.01,
-        truncation_length=TRUNCATION,
-        rank=rank,
-    )
+def estimator_fn(system, theta, population: int, rank, estimator: str = "pes"):
+    """(jitted meta-iteration, args) of PES with stored noise, or of FullES
+    (Open_ES, K-step full unrolls), at `rank`."""
+    if estimator == "full_es":
+        es = FullES(system, population_size=population, num_steps=TRUNCATION, rank=rank)
+    else:
+        es = PES(
+            system,
+            population_size=population,
+            std=0.01,
+            truncation_length=TRUNCATION,
+            rank=rank,
+        )
     state = es.init(jax.random.key(0), theta)
     return es.step, (jax.random.key(1), state)
 
@@ -116,14 +122,14 @@ def compiled(fn, args):
     return call, int(size)
 
 
-def bench(family_name, population, rank, rounds, budget_s, lopt_name):
+def bench(family_name, population, rank, rounds, budget_s, lopt_name, estimator):
     """Rows for one (family, population): full, low rank, floor."""
     lopt = velo_lopt(lopt_name)
     theta = lopt.init(jax.random.key(1))
     system = LOptTraining(families()[family_name], lopt, (200, 2000), stagger="offset")
     fns = {
-        "full": estimator_fn(system, theta, population, None),
-        "low": estimator_fn(system, theta, population, rank),
+        "full": estimator_fn(system, theta, population, None, estimator),
+        "low": estimator_fn(system, theta, population, rank, estimator),
         "floor": floor_fn(system, theta, population),
     }
     memory = {}
@@ -181,6 +187,7 @@ def main(argv=None) -> None:
     parser.add_argument("--populations", default="16,64,256")
     parser.add_argument("--families", default="quadratic,digits")
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--estimator", default="pes", choices=("pes", "full_es"))
     parser.add_argument("--lopt", default="hierarchical_velo", help="configs/lopt/")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=120.0)
@@ -191,7 +198,13 @@ def main(argv=None) -> None:
         for population in (int(p) for p in args.populations.split(",")):
             start = time.perf_counter()
             rows += bench(
-                family, population, args.rank, args.rounds, args.budget_s, args.lopt
+                family,
+                population,
+                args.rank,
+                args.rounds,
+                args.budget_s,
+                args.lopt,
+                args.estimator,
             )
             print(table(rows[-3:], {}), f"({time.perf_counter() - start:.0f} s)")
             write(rows, Path(args.out), _meta(args))  # kept if cut short
@@ -201,7 +214,7 @@ def main(argv=None) -> None:
 def _meta(args) -> dict:
     device = jax.devices()[0]
     return {
-        "estimator": f"PES, stored noise, K = {TRUNCATION}, lopt {args.lopt}",
+        "estimator": f"{args.estimator}, K = {TRUNCATION}, lopt {args.lopt}",
         "peer_ms (learned_optimization, quadratic, P=16)": PEER_MS,
         "load_average": os.getloadavg(),
         "machine": f"{platform.processor() or platform.machine()}, "
