@@ -101,6 +101,13 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_csv(rows, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="analysis/results/population_scaling")
@@ -135,16 +142,13 @@ def main(argv=None) -> None:
                 print(f"skip population {population} on {devices} device(s): {err}")
                 break
             rows.append(row)
+            write_csv(rows, out / "population_scaling.csv")  # kept if cut short
             print(
                 f"devices {devices:2d}  population {population:6d}  "
                 f"{row['iteration_s'] * 1e3:9.1f} ms/iteration  "
                 f"{row['particle_steps_per_s']:12.0f} particle-steps/s",
                 flush=True,
             )
-    with open(out / "population_scaling.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     lines = [
         "| devices | population | ms / meta-iteration | particle inner-steps / s | "
         "peak memory (MiB) |",

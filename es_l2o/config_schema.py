@@ -128,6 +128,7 @@ class FullESConfig:
     fitness_shaping: str = "centered_rank"
     nonfinite_penalty: float = "${system.nonfinite_penalty}"  # type: ignore[assignment]
     particle_chunk: int | None = None
+    rank: int | None = None  # low-rank (EGGROLL) perturbations of theta matrices
     optimizer: Any = _adam(0.03)
 
 
@@ -146,4 +147,5 @@ class TruncatedESConfig:
     max_grad_norm: float | None = 10.0
     noise: str = "stored"
     pair_chunk: int | None = None
+    rank: int | None = None  # low-rank perturbations of theta matrices (noise: stored)
     optimizer: Any = _adam(3.0e-4)

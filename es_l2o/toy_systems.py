@@ -4,7 +4,8 @@
 Sohl-Dickstein 2021, arXiv 2112.13835, section 5.1): the loss right after a step
 pulls theta one way while its influence on later losses pulls it the other way, so
 estimators that ignore the unroll's past (truncated ES, truncated backprop) move theta
-the wrong way.
+the wrong way. `MatrixFeedback` is a smooth system whose theta holds matrices, for
+the low-rank estimators (`es_l2o.es.lowrank`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from es_l2o.lowrank import dense
 from es_l2o.unroll import StepOutput, UnrolledSystem
 
 
@@ -137,4 +139,84 @@ class InfluenceBalancing(UnrolledSystem):
             return s, 0.5 * (s[0] - 1.0) ** 2
 
         _, losses = jax.lax.scan(body, jnp.ones((self.n,)), None, length=num_steps)
+        return jnp.mean(losses)
+
+
+@struct.dataclass
+class FeedbackState:
+    s: jax.Array  # the m-dimensional state
+    step: jax.Array  # steps taken in the current episode
+
+
+class MatrixFeedback(UnrolledSystem):
+    """A smooth system whose theta holds matrices, for the low-rank estimators.
+
+    theta = {"w": (m, n), "v": (n, m), "b": (n,)}; each step reads
+    `out = s w + b`, scores `0.5 mean((out - 1)^2)` and moves
+    `s <- 0.5 s + 0.5 tanh(out v)`; s starts at ones and restarts every `horizon`
+    steps. Every product goes through `es_l2o.lowrank.dense`, so particles with
+    low-rank perturbed matrices run on the shared base. `episode_loss` is the
+    exact objective (`jax.grad` gives the meta-gradient estimators must match).
+
+    Example:
+        >>> system = MatrixFeedback(m=4, n=3, horizon=5)
+        >>> theta = system.initial_theta(jax.random.key(0))
+        >>> sorted(theta), theta["w"].shape
+        (['b', 'v', 'w'], (4, 3))
+        >>> bool(jnp.isfinite(system.episode_loss(theta)))
+        True
+    """
+
+    def __init__(self, m: int = 4, n: int = 3, horizon: int = 5):
+        if min(m, n, horizon) < 1:
+            raise ValueError(f"need m, n, horizon >= 1, got {m}, {n}, {horizon}")
+        self.m, self.n, self.horizon = int(m), int(n), int(horizon)
+        self.max_horizon = self.horizon
+        shapes = {"w": (self.m, self.n), "v": (self.n, self.m), "b": (self.n,)}
+        self.theta_template = {
+            k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()
+        }
+
+    def initial_theta(self, key: jax.Array) -> dict:
+        """A theta of moderate scale (loss and gradient of order one)."""
+        keys = jax.random.split(key, 3)
+        return {
+            name: 0.5 * jax.random.normal(k, spec.shape)
+            for (name, spec), k in zip(self.theta_template.items(), keys, strict=True)
+        }
+
+    def _dynamics(self, theta, s):
+        out = dense(s, theta["w"]) + theta["b"]
+        loss = 0.5 * jnp.mean((out - 1.0) ** 2)
+        return 0.5 * s + 0.5 * jnp.tanh(dense(out, theta["v"])), loss
+
+    def init(self, key, theta):
+        del key, theta
+        return FeedbackState(jnp.ones((self.m,)), jnp.zeros((), jnp.int32))
+
+    def step(self, key, theta, state):
+        del key
+        reset = state.step >= self.horizon
+        s = jnp.where(reset, jnp.ones_like(state.s), state.s)
+        s, loss = self._dynamics(theta, s)
+        step = jnp.where(reset, 0, state.step) + 1
+        return FeedbackState(s, step), StepOutput(loss, reset, jnp.isfinite(loss))
+
+    def episode_done(self, state):
+        return state.step >= self.horizon
+
+    def end_episode(self, state):
+        return state.replace(step=jnp.asarray(self.horizon, state.step.dtype))
+
+    def meta_loss(self, key, theta, state, split="train"):
+        del key, split
+        return self._dynamics(theta, state.s)[1]
+
+    def episode_loss(self, theta) -> jax.Array:
+        """Mean loss over one episode from s0 (differentiable in theta)."""
+
+        def body(s, _):
+            return self._dynamics(theta, s)
+
+        _, losses = jax.lax.scan(body, jnp.ones((self.m,)), None, length=self.horizon)
         return jnp.mean(losses)

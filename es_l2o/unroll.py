@@ -32,6 +32,7 @@ import optax
 from flax import struct
 
 from es_l2o.lopt.base import LearnedOptimizer, Theta
+from es_l2o.lowrank import particle_axes
 from es_l2o.tasks import TaskFamily
 
 #: meta-losses a state can be scored on
@@ -84,7 +85,8 @@ class UnrolledSystem(abc.ABC):
         self, keys: jax.Array, thetas: Theta, states: Any
     ) -> tuple[Any, StepOutput]:
         """`step` for a population: every argument has a leading particle axis."""
-        return jax.vmap(self.step)(keys, thetas, states)
+        axes = (0, particle_axes(thetas), 0)
+        return jax.vmap(self.step, in_axes=axes)(keys, thetas, states)
 
     def episode_done(self, state: Any) -> jax.Array:
         """True when the next `step` starts a new episode (resets the state first).
@@ -314,14 +316,19 @@ class LOptTraining(UnrolledSystem):
         split = jax.vmap(jax.random.split)(keys)
         key_reset, key_loss = split[:, 0], split[:, 1]
         reset = states.step >= states.horizon
+        # low-rank perturbed thetas share their base matrices: not batched
+        axes = (0, particle_axes(thetas), 0)
         fresh = jax.lax.cond(
             jnp.any(reset),
             lambda: _where_tree(
-                reset, jax.vmap(self.new_episode)(key_reset, thetas), states
+                reset,
+                jax.vmap(self.new_episode, in_axes=axes[:2])(key_reset, thetas),
+                states,
             ),
             lambda: states,
         )
-        states, (loss, finite) = jax.vmap(self._train_step)(key_loss, thetas, fresh)
+        train_step = jax.vmap(self._train_step, in_axes=axes)
+        states, (loss, finite) = train_step(key_loss, thetas, fresh)
         return states, StepOutput(loss=loss, reset=reset, finite=finite)
 
     def meta_loss(self, key, theta, state, split="train"):

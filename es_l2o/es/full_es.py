@@ -29,6 +29,7 @@ from es_l2o import sharding
 from es_l2o.es import common
 from es_l2o.es.estimator import abstract_theta, check_theta, zeros
 from es_l2o.es.keyed import KeyedOpenES
+from es_l2o.es.lowrank import LowRankOpenES, check_rank
 from es_l2o.unroll import UnrolledSystem
 
 #: how a full unroll is scored
@@ -120,6 +121,10 @@ class FullES:
         particle_chunk: each device unrolls its particles this many at a time (a
             loop over chunks), so populations past the size a device saturates at
             keep its throughput; None unrolls all of them at once.
+        rank: low-rank perturbations (`es_l2o.es.lowrank`, EGGROLL): every matrix
+            of theta is perturbed by a rank-`rank` product that each particle
+            evaluates on the shared mean, so no particle's theta is formed; Open_ES
+            only. None or 0: full rank.
         theta: theta's shapes (see `es_l2o.es.estimator.abstract_theta`; default:
             the system's). The evosax algorithm is built from it here.
 
@@ -152,9 +157,11 @@ class FullES:
         algorithm_kwargs: dict | None = None,
         mesh: Mesh | None = None,
         particle_chunk: int | None = None,
+        rank: int | None = None,
         theta=None,
     ):
         self.meta_loss = _meta_loss(meta_loss, system)
+        self.rank = check_rank(rank)
         self.num_steps = _num_steps(num_steps, system)
         self.system = system
         self.population_size = int(population_size)
@@ -174,15 +181,15 @@ class FullES:
             self.population_size, common.is_antithetic_class(algorithm)
         )
         self.theta_template = abstract_theta(system, theta)
+        cls, extra = self._algorithm_class(algorithm)
         self.algorithm, self.params = common.make_algorithm(
-            KeyedOpenES
-            if algorithm == "Open_ES" or algorithm is Open_ES
-            else algorithm,
+            cls,
             population_size=self.population_size,
             solution=zeros(self.theta_template),
             std=self.std,
             optimizer=self.optimizer,
             fitness_shaping=fitness_shaping,
+            **extra,
             **dict(algorithm_kwargs or {}),
         )
         self.num_dims = int(self.algorithm.num_dims)
@@ -191,6 +198,20 @@ class FullES:
         self.antithetic = common.is_antithetic(self.algorithm)
         self.step = jax.jit(self._step)
         self.gradient = jax.jit(self._gradient)
+
+    def _algorithm_class(self, algorithm) -> tuple:
+        """(class, extra constructor arguments): Open_ES runs keyed, and with a
+        rank as `LowRankOpenES`, the only algorithm that takes one."""
+        open_es = algorithm == "Open_ES" or algorithm is Open_ES
+        if self.rank is None:
+            return (KeyedOpenES if open_es else algorithm), {}
+        if not open_es:
+            name = getattr(algorithm, "__name__", algorithm)
+            raise ValueError(
+                f"rank={self.rank} needs algorithm='Open_ES' (low-rank perturbations "
+                f"are built into its keyed form), got algorithm={name!r}"
+            )
+        return LowRankOpenES, {"rank": self.rank, "template": self.theta_template}
 
     @property
     def keyed(self) -> bool:
@@ -297,8 +318,7 @@ class FullES:
         algorithm = self.algorithm
 
         def unroll(index, key):
-            flat = algorithm.perturbation(es_state, key_ask, index)
-            return self.unroll(algorithm._unravel_solution(flat), key)
+            return self.unroll(algorithm.particle_theta(es_state, key_ask, index), key)
 
         indices = jnp.arange(self.population_size)
         raw, failed = sharding.map_population(

@@ -106,6 +106,10 @@ class KeyedOpenES(Open_ES):
         """Flat theta of particle `index`: mean + std * z (as evosax's `_ask`)."""
         return state.mean + state.std * self.noise(key_ask, index)
 
+    def particle_theta(self, state: State, key_ask: jax.Array, index):
+        """Particle `index`'s theta pytree (`perturbation`, unravelled)."""
+        return self._unravel_solution(self.perturbation(state, key_ask, index))
+
     def _ask(self, key: jax.Array, state: State, params: Params):
         del params  # evosax's signature: the population needs none
         indices = jnp.arange(self.population_size)

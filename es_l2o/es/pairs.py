@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from es_l2o import sharding
 from es_l2o.es import common
+from es_l2o.es.lowrank import LowRankLayout, LowRankStoredNoise
 from es_l2o.es.noise import NoiseStore, Rows
 from es_l2o.es.truncation import Truncation
 from es_l2o.es.weighting import Weighting
@@ -56,12 +57,27 @@ def larger(x: jax.Array) -> jax.Array:
 
 
 def thetas(
-    mean: jax.Array, pert: jax.Array, unravel, per_particle: bool, mesh: Mesh | None
+    mean: jax.Array,
+    pert: jax.Array,
+    unravel,
+    per_particle: bool,
+    mesh: Mesh | None,
+    layout: LowRankLayout | None = None,
+    std=None,
 ):
     """The particles' thetas (leading axis 2c) from c pair perturbations (c, D), or
-    from one row per particle (2c, D) with `per_particle` (split over the mesh)."""
+    from one row per particle (2c, D) with `per_particle` (split over the mesh).
+
+    With a low-rank `layout` the rows are unit factors (c or 2c, E) scaled by
+    `std`, and the thetas share the mean's matrices (`es_l2o.lowrank`).
+    """
+    half = pert.shape[0] // 2 if per_particle else pert.shape[0]
+    if layout is not None:
+        rows = pert if per_particle else jnp.concatenate([pert, pert])
+        sign = jnp.where(jnp.arange(2 * half) < half, 1.0, -1.0)
+        rows = sharding.shard_population(rows, mesh)
+        return layout.theta(unravel(mean), rows, sign * std)
     if per_particle:
-        half = pert.shape[0] // 2
         sign = jnp.where(jnp.arange(2 * half) < half, 1.0, -1.0)
         flat = sharding.shard_population(mean + sign[:, None] * pert, mesh)
     else:
@@ -92,6 +108,7 @@ def gradient(
     rows: Rows | None = None,
     per_particle: bool = False,
     chunk: int | None = None,
+    layout: LowRankLayout | None = None,
 ) -> jax.Array:
     """The flat ES gradient (D,) from each pair's loss differences (M,).
 
@@ -103,19 +120,26 @@ def gradient(
         rows: `pair_noise` of all pairs if already at hand (else regenerated
             `chunk` pairs at a time); per_particle: `rows` holds one row per
             particle (pair i mod M), so every pair appears twice.
+        layout: low rank: `switch` rows are unit factors (`LowRankStoredNoise`).
     """
+
+    def noise_sum(old, score, new, switch):
+        if layout is None:
+            return old @ score + new @ (switch / std**2)
+        return layout.score_dot(old, score) + layout.weighted_sum(switch, new) / std
+
     population_size = 2 * store.num_pairs
     if rows is not None:
         _, score, switch = rows
         if per_particle:  # both partners carry their pair's noise: halve
             d_old = 0.5 * jnp.concatenate([d_old, d_old])
             d_new = 0.5 * jnp.concatenate([d_new, d_new])
-        total = d_old @ score + d_new @ (switch / std**2)
+        total = noise_sum(d_old, score, d_new, switch)
         return total / population_size
 
     def chunk_sum(pairs, old, new):
         _, score, switch = store.pair_noise(noise, pairs, std, rule)
-        return old @ score + new @ (switch / std**2)
+        return noise_sum(old, score, new, switch)
 
     chunk = store.num_pairs if chunk is None else chunk
     groups = store.num_pairs // chunk
@@ -144,6 +168,8 @@ class PairPopulation:
         unravel: flat (D,) -> theta pytree.
         mesh: the population's mesh (None: one device).
         chunk: pairs unrolled at a time (a divisor of the pairs).
+        layout: low rank (`es_l2o.es.lowrank`): the store's perturbation rows are
+            unit factors and the thetas share the mean's matrices; None: dense rows.
     """
 
     store: NoiseStore
@@ -152,6 +178,7 @@ class PairPopulation:
     unravel: Callable
     mesh: Mesh | None
     chunk: int
+    layout: LowRankLayout | None = None
 
     def rows(self, noise, std) -> tuple[Rows | None, bool]:
         """Every pair's noise rows, made once for both the unroll and the gradient
@@ -163,6 +190,8 @@ class PairPopulation:
             return None, False
         if sharding.population_devices(self.mesh) > 1:
             return store.particle_noise(noise, std, rule, self.mesh), True
+        if isinstance(store, LowRankStoredNoise):  # all rows, no gather
+            return store.pair_noise(noise, None, std, rule), False
         return store.pair_noise(noise, jnp.arange(store.num_pairs), std, rule), False
 
     def _unroll_group(self, mean, noise, std, group, xs, rows=None, per=False):
@@ -173,7 +202,7 @@ class PairPopulation:
         pert, _, switch = rows
 
         def thetas_of(p):
-            return thetas(mean, p, self.unravel, per, self.mesh)
+            return thetas(mean, p, self.unravel, per, self.mesh, self.layout, std)
 
         # noise reuse: a new episode runs under the next perturbation at once
         switched = thetas_of(switch) if self.rule.reuses else None
@@ -218,4 +247,5 @@ class PairPopulation:
             rows=rows,
             per_particle=per,
             chunk=self.chunk,
+            layout=self.layout,
         )

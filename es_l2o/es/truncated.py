@@ -41,6 +41,7 @@ from es_l2o.es.estimator import (
     search_step,
     zeros,
 )
+from es_l2o.es.lowrank import LowRankLayout, LowRankStoredNoise, check_rank
 from es_l2o.es.noise import make_store
 from es_l2o.es.weighting import WEIGHTINGS, Weighting
 from es_l2o.unroll import UnrolledSystem
@@ -101,6 +102,10 @@ class TruncatedEstimator:
             (None: all at once); with noise="keys" memory is then independent of P.
         walk_depth: keyed PES: log2 of the longest episode in truncations
             (default: from the system's max_horizon, else 20).
+        rank: low-rank perturbations (`es_l2o.es.lowrank`): every matrix of theta
+            is perturbed by a rank-`rank` product evaluated on the shared mean
+            (no particle's theta is formed); needs noise="stored" (per-pair
+            factors, the accumulated scores dense per pair). None or 0: full rank.
         mesh: a `es_l2o.sharding.population_mesh`: particles and their inner
             states are split over its devices (None: wherever JAX puts them).
         theta: theta's shapes (see `es_l2o.es.estimator.abstract_theta`; default:
@@ -140,10 +145,17 @@ class TruncatedEstimator:
         noise: str = "stored",
         pair_chunk: int | None = None,
         walk_depth: int | None = None,
+        rank: int | None = None,
         mesh: Mesh | None = None,
         theta=None,
     ):
         self.population_size = int(population_size)
+        self.rank = check_rank(rank)
+        if self.rank is not None and noise != "stored":
+            raise ValueError(
+                f"rank={rank} needs noise='stored' (low-rank factors per pair), got "
+                f"noise={noise!r}"
+            )
         truncation.check_settings(
             system,
             self.population_size,
@@ -185,13 +197,19 @@ class TruncatedEstimator:
         """The noise store and the pair population, built once from the settings."""
         if walk_depth is None and self.noise == "keys":
             walk_depth = truncation.walk_depth_for(self.system, self.truncation_length)
-        store = make_store(
-            self.noise,
-            self.num_pairs,
-            self.num_dims,
-            spec=sharding.pair_sharding(self.mesh, self.num_pairs),
-            walk_depth=walk_depth,
-        )
+        spec = sharding.pair_sharding(self.mesh, self.num_pairs)
+        layout = None
+        if self.rank is None:
+            store = make_store(
+                self.noise,
+                self.num_pairs,
+                self.num_dims,
+                spec=spec,
+                walk_depth=walk_depth,
+            )
+        else:
+            layout = LowRankLayout(self.theta_template, self.rank)
+            store = LowRankStoredNoise(layout, self.num_pairs, spec)
         unroll = truncation.Truncation(
             self.system,
             self.truncation_length,
@@ -200,7 +218,13 @@ class TruncatedEstimator:
             self.nonfinite_penalty,
         )
         population = pairs.PairPopulation(
-            store, self.weighting, unroll, self.unravel, self.mesh, self.pair_chunk
+            store,
+            self.weighting,
+            unroll,
+            self.unravel,
+            self.mesh,
+            self.pair_chunk,
+            layout,
         )
         return store, population
 

@@ -37,6 +37,7 @@ import optax
 from es_l2o import sharding
 from es_l2o.es import common
 from es_l2o.es.noise import NOISE_MODES
+from es_l2o.lowrank import particle_axes, where_particles
 from es_l2o.unroll import UnrolledSystem
 
 #: what a truncation is scored by (each averaged over the truncation's steps)
@@ -44,15 +45,6 @@ META_LOSSES = ("train_mean", "heldout", "validation")
 #: per-task normalisation of every step's meta-loss
 LOSS_NORMALIZATIONS = ("none", "initial", "log")
 _LOG_FLOOR = 1e-8
-
-
-def where_particles(mask: jax.Array, on_true, on_false):
-    """Per particle (leading axis) `on_true` where `mask`, else `on_false`."""
-
-    def pick(a, b):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
-
-    return jax.tree.map(pick, on_true, on_false)
 
 
 def end_where(system: UnrolledSystem, mask: jax.Array, states):
@@ -197,10 +189,9 @@ class Truncation:
         )
         return step_keys[:k], step_keys[k:] if evaluate else step_keys
 
-    def _body(self, thetas, switched_thetas):
-        """The scan body over steps: one step of every particle."""
+    def _body(self, thetas, switched_thetas, half: int):
+        """The scan body over steps: one step of every particle (2 * half)."""
         system = self.system
-        half = jax.tree.leaves(thetas)[0].shape[0] // 2
         split = "validation" if self.meta_loss == "validation" else "train"
         evaluate = self.meta_loss != "train_mean"
 
@@ -218,9 +209,10 @@ class Truncation:
                 jnp.any(lone), lambda s: end_where(system, lone, s), lambda s: s, inner
             )
             if evaluate:
-                value = jax.vmap(lambda q, th, s: system.meta_loss(q, th, s, split))(
-                    eval_key, theta, inner
-                )
+                value = jax.vmap(
+                    lambda q, th, s: system.meta_loss(q, th, s, split),
+                    in_axes=(0, particle_axes(theta), 0),
+                )(eval_key, theta, inner)
             else:
                 value = out.loss
             return (inner, switched), (value, out.loss, out.reset, out.finite)
@@ -246,7 +238,7 @@ class Truncation:
         n = jax.tree.leaves(inner)[0].shape[0]
         carry = (inner, jnp.zeros((n,), bool))
         (inner, _), (values, losses, resets, finite) = jax.lax.scan(
-            self._body(thetas, switched_thetas), carry, self._step_keys(keys)
+            self._body(thetas, switched_thetas, n // 2), carry, self._step_keys(keys)
         )
         if self.loss_normalization == "initial":
             values, scale = initial_scale(values, losses, resets, finite, scale)

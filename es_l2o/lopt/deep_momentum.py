@@ -34,6 +34,7 @@ from es_l2o.lopt.base import (
     check_num_steps,
     checked_transformation,
 )
+from es_l2o.lowrank import materialize
 
 OBJECTIVES = ("dot", "delta")
 #: key features -> number of inputs of the memory
@@ -223,6 +224,8 @@ class DeepMomentumLOpt(LearnedOptimizer):
 
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
+        # reads its (small) matrices entry by entry: low-rank perturbed ones whole
+        theta = materialize(theta)
         decay = jax.nn.sigmoid(theta["logit_decay"])
         inner_lr = jnp.exp(theta["log_inner_lr"])
         lr = jnp.exp(theta["log_lr"])

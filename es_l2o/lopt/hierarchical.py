@@ -45,6 +45,7 @@ from es_l2o.lopt.base import (
     check_num_steps,
     checked_transformation,
 )
+from es_l2o.lowrank import dense, has_perturbed
 
 
 class HierarchicalState(NamedTuple):
@@ -439,28 +440,32 @@ class HierarchicalLOpt(LearnedOptimizer):
 
         mlp_weights: (num_tensors, num_mlp_weights) generated per-parameter MLPs.
         """
-        mix = inputs @ theta["mix"]["w"] + theta["mix"]["b"]
-        exchange = jax.nn.relu(inputs @ theta["mix_max"]["w"] + theta["mix_max"]["b"])
+        mix = dense(inputs, theta["mix"]["w"]) + theta["mix"]["b"]
+        exchange = jax.nn.relu(
+            dense(inputs, theta["mix_max"]["w"]) + theta["mix_max"]["b"]
+        )
         x = mix + jnp.max(exchange, axis=0, keepdims=True)
         gates = (
-            jnp.concatenate([x, lstm_h], axis=1) @ theta["lstm"]["w"]
+            dense(jnp.concatenate([x, lstm_h], axis=1), theta["lstm"]["w"])
             + theta["lstm"]["b"]
         )
         i, f, g, o = jnp.split(gates, 4, axis=1)
         lstm_c = jax.nn.sigmoid(f + 1.0) * lstm_c + jax.nn.sigmoid(i) * jnp.tanh(g)
         lstm_h = jax.nn.sigmoid(o) * jnp.tanh(lstm_c)
-        out = lstm_h @ theta["head"]["w"] + theta["head"]["b"]
+        out = dense(lstm_h, theta["head"]["w"]) + theta["head"]["b"]
         coeffs = 1.0 + out[:, : self.bank_size]
         lr_mult = 1.0 + out[:, self.bank_size]
-        bank = jnp.concatenate(
-            [
-                theta["bank"][name].reshape(self.bank_size, -1)
-                for name, _ in self._mlp_shapes
-            ],
-            axis=1,
-        )
-        weights = coeffs @ bank / self.bank_size
+        weights = self._mix_bank(theta["bank"], coeffs) / self.bank_size
         return weights, lr_mult, lstm_h, lstm_c
+
+    def _mix_bank(self, bank, coeffs):
+        """`coeffs @ bank` over the bank as one (bank_size, num_mlp_weights) matrix;
+        a low-rank perturbed bank member by member (no member matrix formed)."""
+        names = [name for name, _ in self._mlp_shapes]
+        if has_perturbed(bank):
+            return jnp.concatenate([dense(coeffs, bank[n]) for n in names], axis=1)
+        bank = [bank[name].reshape(self.bank_size, -1) for name in names]
+        return coeffs @ jnp.concatenate(bank, axis=1)
 
     # -- the per-parameter network ---------------------------------------------------
 

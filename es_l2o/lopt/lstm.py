@@ -23,6 +23,7 @@ from es_l2o.lopt.base import (
     check_num_steps,
     checked_transformation,
 )
+from es_l2o.lowrank import materialize
 
 
 class LSTMLOptState(NamedTuple):
@@ -135,6 +136,8 @@ class LSTMLOpt(LearnedOptimizer):
 
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
+        # reads its (small) matrices entry by entry: low-rank perturbed ones whole
+        theta = materialize(theta)
 
         def init_fn(params):
             layout = F.TensorLayout.of(params)

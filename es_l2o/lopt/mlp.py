@@ -24,6 +24,7 @@ from es_l2o.lopt.base import (
     check_num_steps,
     checked_transformation,
 )
+from es_l2o.lowrank import materialize
 
 
 def _vector(shape):
@@ -372,6 +373,8 @@ class MLPLOpt(LearnedOptimizer):
 
     def transform(self, theta, num_steps):
         check_num_steps(num_steps)
+        # reads its (small) matrices entry by entry: low-rank perturbed ones whole
+        theta = materialize(theta)
 
         def update_fn(updates, state, params=None, *, value=None, **extra):
             del value, extra  # this architecture reads no loss
