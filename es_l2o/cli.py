@@ -1,4 +1,4 @@
-"""Command-line entry points; the only module that touches Hydra.
+"""Command-line entry points: the train and eval tasks and their Hydra apps.
 
     es-l2o-train [--cfg job|hydra] [-m] [OVERRIDE ...]     meta-train, export, compare
     es-l2o-eval OPTIMIZER_FILE [--cfg job|hydra] [-m] [OVERRIDE ...]  compare a file
@@ -8,133 +8,33 @@ Both are Hydra applications: overrides use Hydra's syntax (`es.population_size=6
 or `submitit_slurm` from the `cluster` extra), `--cfg job` prints the composed
 config, `--help` the config groups, `--hydra-help` Hydra's own flags. A bad option or
 value ends the program with one line naming it and exit code 2.
+
+The CLI's other modules: usage.py (errors and exit codes), hydra_config.py
+(composing configs), hydra_app.py (running a task as a Hydra app), run_folder.py
+(claiming and writing a run's folder).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """A user-facing mistake: printed as one line, exit code 2."""
-
-
-def config_dir() -> Path:
-    """The folder of Hydra configs: installed beside the package, or the checkout's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise UsageError(f"cannot find the configs folder near {here}")
-
-
-def _output_dir(resume, run_dir, default) -> str:
-    """Hydra's output folder of a run: the resumed run's own (if it is a folder:
-    else the run refuses it, and Hydra should make nothing), `run_dir`, or the
-    default."""
-    if resume not in (None, ""):
-        return str(resume) if os.path.isdir(str(resume)) else "."
-    return str(run_dir) if run_dir not in (None, "") else str(default)
-
-
-def register() -> None:
-    """Puts the typed schemas (es_l2o.config_schema) in Hydra's ConfigStore and
-    registers the `es_l2o.output_dir` resolver the configs use; idempotent."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from es_l2o import config_schema as schema
-
-    if not OmegaConf.has_resolver("es_l2o.output_dir"):
-        OmegaConf.register_new_resolver("es_l2o.output_dir", _output_dir)
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=schema.TrainConfig)
-    store.store(name="eval_schema", node=schema.EvalConfig)
-    store.store(name="full_es_schema", node=schema.FullESConfig)
-    store.store(name="truncated_es_schema", node=schema.TruncatedESConfig)
-
-
-def one_line(err: BaseException) -> str:
-    """An error and its causes as one line: Hydra's and OmegaConf's multi-line
-    messages folded (`full_key` kept, lists of valid options joined)."""
-    messages: list[str] = []
-    while err is not None and len(messages) < 3:
-        if isinstance(err, OSError) and err.filename is not None:
-            text = f"cannot use {err.filename}: {err.strerror or err}"
-        else:
-            text = _fold(str(err)) or type(err).__name__
-        if text not in messages and not any(text in m for m in messages):
-            messages.append(text)
-        err = err.__cause__
-    return ": ".join(messages)
-
-
-def _fold(text: str) -> str:
-    """`text`'s lines as one: a line ending in ':' is followed by its items."""
-    folded, listing = "", False
-    for line in (x.strip() for x in text.strip().splitlines()):
-        if line.startswith("Config search path"):
-            break
-        if not line or line.startswith(
-            ("object_type=", "reference_type=", "To append to your config")
-        ):
-            continue
-        if line.startswith("full_key:"):
-            folded += f" (key {line.partition(':')[2].strip()})"
-            continue
-        separator = ", " if listing and not folded.endswith(":") else " "
-        folded = (
-            line if not folded else folded + (separator if listing else "; ") + line
-        )
-        listing = listing or line.endswith(":")
-    return folded
-
-
-def compose(config_name: str, overrides: list[str]):
-    """The composed config, or a UsageError naming the bad override."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register()
-    try:
-        with initialize_config_dir(
-            str(config_dir()), version_base=None, job_name="es_l2o"
-        ):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UsageError(
-            f"bad configuration ({' '.join(overrides)}): {one_line(err)}"
-        ) from None
-
-
-def instantiate(node, **kwargs):
-    """Hydra's instantiate, with constructor errors turned into UsageErrors."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate as hydra_instantiate
-
-    try:
-        return hydra_instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        message = (
-            str(cause).strip().splitlines()[-1] if str(cause).strip() else repr(cause)
-        )
-        target = node.get("_target_", "?") if hasattr(node, "get") else "?"
-        raise UsageError(f"cannot build {target}: {message}") from None
+# compose, config_dir, instantiate, UsageError: scripts and tests use them as cli.NAME
+from es_l2o.hydra_app import run_app, stopping_lines
+from es_l2o.hydra_config import compose, config_dir, instantiate
+from es_l2o.run_folder import (
+    RESUME_MAY_CHANGE,
+    claim_run_dir,
+    release,
+    remove_empty,
+    start_run_dir,
+)
+from es_l2o.usage import SIGNAL_EXIT_BASE, Stopped, UsageError, one_line
 
 
 def _positive_int(cfg, key: str) -> int:
@@ -265,27 +165,6 @@ def _compare_families(mixture, optimizer, num_steps, evaluation, out_dir) -> dic
     return results
 
 
-#: config keys a resumed run may change; everything else must match its config.yaml
-RESUME_MAY_CHANGE = (
-    "num_iterations",
-    "progress",
-    "checkpoint_every",
-    "checkpoint_keep",
-    "tensorboard",
-    "sharding",
-)
-#: exit status of a run stopped by a signal after writing its checkpoint: 128 + signum
-SIGNAL_EXIT_BASE = 128
-
-
-class _Stopped(Exception):
-    """Meta-training ended early: a message for stderr and the exit status."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
 def _count(cfg, key: str, low: int) -> int:
     from omegaconf import OmegaConf
 
@@ -368,18 +247,6 @@ def train_config(argv: list[str]):
     """The config `es-l2o-train argv` runs with (composed without Hydra's app
     machinery; for scripts and tests)."""
     return resumed_config(compose("config", argv), argv)
-
-
-def config_digest(config: dict) -> str:
-    """SHA-256 of a run's resolved settings, without those a resume may change
-    (recorded in every checkpoint; a resume checks its config.yaml against it)."""
-    kept = {
-        k: v
-        for k, v in config.items()
-        if k not in (*RESUME_MAY_CHANGE, "resume", "run_dir")
-    }
-    text = json.dumps(kept, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _initial_theta(cfg, lopt, key):
@@ -587,142 +454,6 @@ def _validator(cfg, family, systems, theta0, every: int):
     return validation.Validator(loss, every)
 
 
-class _Claim(NamedTuple):
-    """A run folder this process holds (an flock on RUN_DIR/.run.lock, released by
-    the kernel when the process ends, however it ends)."""
-
-    path: Path
-    fd: int
-
-
-#: the lock file that marks a run folder as held by a live run
-LOCK_NAME = ".run.lock"
-
-
-def _claim_run_dir(run_dir: Path, may_move: bool) -> _Claim:
-    """Claims `run_dir` for this run, atomically: a folder another live run holds is
-    refused, or (`may_move`, the default timestamped folder) this run takes the next
-    free `RUN_DIR_2`, `RUN_DIR_3`, ... instead."""
-    import fcntl
-
-    for attempt in range(1, 100):
-        name = run_dir.name if attempt == 1 else f"{run_dir.name}_{attempt}"
-        path = run_dir.with_name(name)
-        path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if may_move:
-                continue
-            raise UsageError(
-                f"run_dir={run_dir} is in use by another run ({owner or 'running'}); "
-                "give another run_dir, or wait for that run to end"
-            ) from None
-        import socket
-
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        return _Claim(path, fd)
-    raise UsageError(f"run_dir={run_dir}: 99 runs hold folders of that name")
-
-
-def _release(claim: _Claim | None) -> None:
-    if claim is not None:
-        os.close(claim.fd)  # the lock file stays; its lock goes
-
-
-def _remove_empty(folder: Path) -> None:
-    """Removes `folder` if it is empty (Hydra makes the output folder before the
-    run checks its settings: a refused run leaves nothing behind)."""
-    with contextlib.suppress(OSError):
-        folder.rmdir()
-
-
-def _start_clean(run_dir: Path) -> None:
-    """A new run in a folder whose earlier run stopped before its first checkpoint
-    (nothing to resume): that run's metrics and theta go."""
-    import shutil
-
-    left = [run_dir / n for n in ("metrics.jsonl", "theta.safetensors", "summary.json")]
-    left = [p for p in left if p.exists()]
-    if (run_dir / "tensorboard").is_dir():
-        shutil.rmtree(run_dir / "tensorboard")
-        left.append(run_dir / "tensorboard")
-    for path in left:
-        if path.is_file():
-            path.unlink()
-    if left:
-        print(
-            f"run_dir={run_dir}: a run there stopped before its first checkpoint; "
-            f"starting again (removed its {', '.join(p.name for p in left)})",
-            flush=True,
-        )
-
-
-def _record_hydra(run_dir: Path) -> None:
-    """Hydra's record of the launch (overrides, Hydra settings) in RUN_DIR/.hydra,
-    written once the folder is claimed (Hydra's own writer would overwrite the files
-    of another run that holds the folder)."""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    if not HydraConfig.initialized():
-        return
-    from es_l2o import files
-
-    hydra_cfg = HydraConfig.get()
-    overrides = OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task)))
-    files.write_atomic(run_dir / ".hydra" / "overrides.yaml", overrides)
-    files.write_atomic(
-        run_dir / ".hydra" / "hydra.yaml",
-        OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
-    )
-
-
-def _check_recorded_config(saved: dict, newest: Path, run_dir: Path) -> None:
-    """Refuses to resume from a config.yaml that differs from the settings the
-    checkpoint recorded (an edited config.yaml)."""
-    from es_l2o import checkpoint as ckpt
-
-    try:
-        recorded = ckpt.record(newest).get("metadata", {}).get("config_sha256")
-    except ckpt.CheckpointError:
-        return  # the restore names the damage
-    if recorded is not None and recorded != config_digest(saved):
-        raise UsageError(
-            f"resume={run_dir}: its config.yaml differs from the settings its "
-            f"checkpoint {newest.name} recorded (edited after the run started); "
-            "restore it, or start a new run with the new settings"
-        )
-
-
-def _start_run_dir(cfg, run_dir: Path, newest: Path | None) -> str:
-    """Writes config.yaml into the claimed run directory (cleaning what an earlier
-    run or killed writes left); returns the digest of its settings."""
-    from omegaconf import OmegaConf
-
-    from es_l2o import files, sharding
-
-    saved = OmegaConf.to_container(cfg, resolve=True)
-    saved["run_dir"], saved["resume"] = str(run_dir), None
-    if newest is not None:
-        _check_recorded_config(saved, newest, run_dir)
-    if sharding.is_main_process():  # process 0 alone writes the run's files
-        if newest is None:
-            _start_clean(run_dir)
-        for folder in (run_dir, run_dir / "checkpoints"):  # what killed writes left
-            files.remove_temp_files(folder)
-        files.write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(saved))
-        _record_hydra(run_dir)
-    print(f"run directory: {run_dir}", flush=True)
-    if newest is not None:
-        print(f"resuming from {newest}", flush=True)
-    return config_digest(saved)
-
-
 def _collaborators(
     cfg, settings: _TrainSettings, run_dir: Path, lopt, estimator, digest: str
 ):
@@ -756,7 +487,7 @@ def _collaborators(
 
 
 def _meta_train(run_dir: Path, num_iterations: int, **loop):
-    """`meta.train(**loop)`, its failures turned into a UsageError or `_Stopped`."""
+    """`meta.train(**loop)`, its failures turned into a UsageError or `Stopped`."""
     import signal
 
     import jax
@@ -779,7 +510,7 @@ def _meta_train(run_dir: Path, num_iterations: int, **loop):
     except ResumeError as err:
         raise UsageError(f"resume={run_dir}: {err}") from None
     except Interrupted as err:
-        raise _Stopped(
+        raise Stopped(
             f"stopped by {signal.Signals(err.signum).name} after iteration "
             f"{err.iteration} of {num_iterations}; checkpoint: "
             f"{err.checkpoint or ckpt.latest(checkpoint_dir)}. Resume with: "
@@ -787,13 +518,13 @@ def _meta_train(run_dir: Path, num_iterations: int, **loop):
             SIGNAL_EXIT_BASE + err.signum,
         ) from None
     except KeyboardInterrupt:
-        raise _Stopped(
+        raise Stopped(
             "stopped at once by a second Ctrl-C, without a checkpoint; resume from "
             f"the last one with: es-l2o-train resume={run_dir}",
             SIGNAL_EXIT_BASE + 2,
         ) from None
     except NonFiniteThetaError as err:
-        raise _Stopped(str(err), 1) from None
+        raise Stopped(str(err), 1) from None
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise
@@ -886,14 +617,14 @@ def run_train(cfg, output_dir: Path | None = None) -> Path:
     systems = _systems(cfg, family, lopt)
     estimator = _estimator(cfg, family, systems)
     # process 0 claims the folder for the run; the others share it
-    claim = _claim_run_dir(run_dir, may_move) if sharding.is_main_process() else None
+    claim = claim_run_dir(run_dir, may_move) if sharding.is_main_process() else None
     try:
         if claim is not None and claim.path != run_dir:
             print(f"{run_dir} is in use by another run; this one uses {claim.path}")
         run_dir = run_dir if claim is None else claim.path
         return _train_in(cfg, settings, run_dir, family, lopt, systems, estimator)
     finally:
-        _release(claim)
+        release(claim)
 
 
 def _train_in(cfg, settings, run_dir, family, lopt, systems, estimator) -> Path:
@@ -902,7 +633,7 @@ def _train_in(cfg, settings, run_dir, family, lopt, systems, estimator) -> Path:
     from es_l2o import sharding
 
     newest = _newest_checkpoint(run_dir, settings)
-    digest = _start_run_dir(cfg, run_dir, newest)
+    digest = start_run_dir(cfg, run_dir, newest)
     key_theta, key_meta = jax.random.split(jax.random.key(int(cfg.seed)))
     theta0 = _initial_theta(cfg, lopt, key_theta)
     log, checkpointer = _collaborators(cfg, settings, run_dir, lopt, estimator, digest)
@@ -1022,154 +753,6 @@ def _run_suite(path: str, cfg, suite: str) -> dict:
     return result
 
 
-#: errors a task reports in one line (exit code 2), and a stopped run
-_TASK_ERRORS = (UsageError, OSError, MemoryError)
-#: what the task of a single run raised: re-raised by `_run_app` after Hydra returns
-#: (raised inside the task, Hydra would first print its own line about the job)
-_FAILED: list[BaseException] = []
-
-
-def _single_run() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.get().mode == RunMode.RUN
-
-
-def _reported(task):
-    """`task` whose errors in a single run are kept for `_run_app` to report (in a
-    sweep they go to Hydra, which names the failed job)."""
-
-    def run(cfg) -> None:
-        try:
-            task(cfg)
-        except (*_TASK_ERRORS, _Stopped) as err:
-            if not _single_run():
-                raise
-            _FAILED.append(err)
-
-    return run
-
-
-def _check_flags(program: str, argv: list[str]) -> None:
-    """Hydra's flags in `argv` parsed once, a bad one as a UsageError (argparse would
-    print its whole usage)."""
-    from hydra._internal.utils import get_args_parser
-
-    parser = get_args_parser()
-    parser.prog = program
-
-    def error(message: str):
-        raise UsageError(f"{message} (see {program} --help)")
-
-    parser.error = error
-    parser.parse_args(argv)
-
-
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stdout` is when a record comes (pytest swaps it)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        del value
-
-
-def _show_hydra_lines() -> None:
-    """Hydra's INFO lines ("Launching 2 jobs locally", each job's overrides) on
-    stdout. (Hydra's own logging setup, turned off in the configs, would close
-    every logging handler that exists and raise the root logger to INFO.)"""
-    for name in ("hydra", "hydra_plugins"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
-            handler = _StdoutHandler()
-            handler.setFormatter(logging.Formatter("[HYDRA] %(message)s"))
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-
-
-class _Terminated(BaseException):
-    """SIGTERM outside meta-training (which handles it itself)."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    del frame
-    raise _Terminated(signum)
-
-
-def _run_app(program: str, config_name: str, task, argv: list[str]) -> int:
-    """Runs `task` as the Hydra application `program` over `argv` (Hydra's flags
-    and overrides); Hydra's and the task's errors become one line and exit code 2
-    (HYDRA_FULL_ERROR=1 shows their tracebacks instead)."""
-    import hydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register()
-    _show_hydra_lines()
-    app = hydra.main(
-        config_path=str(config_dir()), config_name=config_name, version_base=None
-    )(_reported(task))
-    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
-    saved_argv = sys.argv
-    sys.argv = [program, *argv]
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises: the one line is ours
-    _FAILED.clear()
-    try:
-        _check_flags(program, argv)
-        app()
-        if _FAILED:
-            raise _FAILED.pop()
-    except SystemExit as done:  # --help, --info, argparse's usage errors
-        return done.code if isinstance(done.code, int) else int(done.code is not None)
-    except (
-        UsageError,
-        HydraException,
-        OmegaConfBaseException,
-        OSError,
-        MemoryError,
-    ) as err:
-        if full_error:
-            raise
-        print(f"{program}: error: {one_line(err)}", file=sys.stderr, flush=True)
-        return USAGE_ERROR
-    finally:
-        sys.argv = saved_argv
-        if not full_error:
-            del os.environ["HYDRA_FULL_ERROR"]
-    return 0
-
-
-def _stopping_lines(program: str, body) -> int:
-    """`body()` with SIGTERM, Ctrl-C and a stopped meta-training each reported in
-    one line with their exit status."""
-    previous = None
-    with contextlib.suppress(ValueError):  # not the main thread: leave them alone
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        return body()
-    except _Stopped as stopped:
-        print(f"{program}: {stopped}", file=sys.stderr, flush=True)
-        return stopped.code
-    except (KeyboardInterrupt, _Terminated) as err:
-        signum = err.args[0] if isinstance(err, _Terminated) else signal.SIGINT
-        print(
-            f"{program}: stopped by {signal.Signals(signum).name} outside "
-            "meta-training; a run that wrote a checkpoint continues with "
-            "es-l2o-train resume=RUN_DIR",
-            file=sys.stderr,
-            flush=True,
-        )
-        return SIGNAL_EXIT_BASE + signum
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
 def _train_task(cfg) -> None:
     """The Hydra task of es-l2o-train: one run in Hydra's output folder (or
     run_dir, or the resumed run's own)."""
@@ -1181,7 +764,7 @@ def _train_task(cfg) -> None:
         run_train(resumed_config(cfg, list(hydra_cfg.overrides.task)), output_dir)
     except UsageError:
         if all(cfg.get(k) in (None, "") for k in ("run_dir", "resume")):
-            _remove_empty(output_dir)  # Hydra's own folder, made for this run
+            remove_empty(output_dir)  # Hydra's own folder, made for this run
         raise
     except OSError as err:
         if err.filename is not None:
@@ -1195,8 +778,8 @@ def _train_task(cfg) -> None:
 def train_main(argv: list[str] | None = None) -> int:
     """`es-l2o-train [HYDRA FLAGS] [OVERRIDE ...]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return _stopping_lines(
-        "es-l2o-train", lambda: _run_app("es-l2o-train", "config", _train_task, argv)
+    return stopping_lines(
+        "es-l2o-train", lambda: run_app("es-l2o-train", "config", _train_task, argv)
     )
 
 
@@ -1246,9 +829,9 @@ def _eval_argv(argv: list[str]) -> list[str]:
 def eval_main(argv: list[str] | None = None) -> int:
     """`es-l2o-eval OPTIMIZER_FILE [HYDRA FLAGS] [OVERRIDE ...]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return _stopping_lines(
+    return stopping_lines(
         "es-l2o-eval",
-        lambda: _run_app("es-l2o-eval", "eval", _eval_task, _eval_argv(argv)),
+        lambda: run_app("es-l2o-eval", "eval", _eval_task, _eval_argv(argv)),
     )
 
 

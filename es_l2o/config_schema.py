@@ -1,8 +1,8 @@
-"""Typed schemas of the Hydra configs: plain dataclasses that `es_l2o.cli` puts in
-Hydra's ConfigStore, so that a value of the wrong type or an unknown key is refused
-naming the key (`es.population_size=eight`, `system.horizn=5`). Ranges that a type
-cannot express (a positive population, an even one) are checked where the config is
-used.
+"""Typed schemas of the Hydra configs: plain dataclasses that `es_l2o.hydra_config`
+puts in Hydra's ConfigStore, so that a value of the wrong type or an unknown key is
+refused naming the key (`es.population_size=eight`, `system.horizn=5`). Ranges that
+a type cannot express (a positive population, an even one) are checked where the
+config is used.
 
 `TrainConfig` is the root of `es-l2o-train` (configs/config.yaml), `EvalConfig` of
 `es-l2o-eval` (configs/eval.yaml); `FullESConfig` and `TruncatedESConfig` are the

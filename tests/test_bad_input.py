@@ -92,20 +92,20 @@ def test_eval_into_an_unwritable_folder_is_one_line(saved, capsys):
 
 
 def test_a_folder_held_by_a_live_run_is_refused(tmp_path, capsys):
-    from es_l2o.cli import _claim_run_dir, _release
+    from es_l2o.run_folder import claim_run_dir, release
 
-    claim = _claim_run_dir(tmp_path, may_move=False)  # as a running run holds it
+    claim = claim_run_dir(tmp_path, may_move=False)  # as a running run holds it
     try:
         assert train_main([*TINY, f"run_dir={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip()
         assert f"run_dir={tmp_path} is in use by another run (process" in err
         assert len(err.splitlines()) == 1
         # the default folder (none given) moves to a free neighbour instead
-        other = _claim_run_dir(tmp_path, may_move=True)
+        other = claim_run_dir(tmp_path, may_move=True)
         assert other.path == tmp_path.with_name(f"{tmp_path.name}_2")
-        _release(other)
+        release(other)
     finally:
-        _release(claim)
+        release(claim)
     assert not (tmp_path / "config.yaml").exists()
 
 
