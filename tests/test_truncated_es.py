@@ -414,20 +414,16 @@ def test_theta_must_match_the_template_the_estimator_was_built_from():
 
 @pytest.mark.parametrize("name", ["pes", "tes", "nres"])
 def test_each_config_builds_its_estimator_and_steps(name):
-    """configs/es/NAME.yaml builds `ESTIMATORS[NAME]`, whose rule weights a loss as
+    """configs/es/NAME.yaml (composed with its schema) builds `ESTIMATORS[NAME]`, whose rule weights a loss as
     the estimator promises: after two truncations without a reset, PES's score is
     the sum of both perturbations, truncated ES's and noise reuse's the current
     one alone (noise reuse keeping the first perturbation)."""
-    from pathlib import Path
+    from es_l2o import cli
 
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    path = Path(__file__).parents[1] / "configs" / "es" / f"{name}.yaml"
-    cfg = OmegaConf.load(path)
-    cfg.population_size, cfg.truncation_length = 4, 2
+    sizes = ["es.population_size=4", "es.truncation_length=2"]
+    cfg = cli.compose("config", [f"es={name}", *sizes])
     system = LOptTraining(QuadraticFamily(dim=2), LOPT, horizon=50)
-    es = instantiate(cfg)(system=system)
+    es = cli.instantiate(cfg.es)(system=system)
     assert type(es) is ESTIMATORS[name] and isinstance(es, Estimator)
     states = [es.init(jax.random.key(0), LOPT.init(jax.random.key(1)))]
     for i in range(2):
