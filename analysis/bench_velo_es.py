@@ -14,11 +14,13 @@ three ways, in one process:
   mean plus its factors, so the matrices are read once per step for all;
 - floor: the same P x K unroll with ONE shared theta and no ES at all.
 
-Every function is compiled first, then all are timed interleaved (one call each per
-round, so load from other processes hits them alike); medians over the rounds. Memory
-is XLA's compiled estimate (arguments + temporaries, nothing allocated by it). The
-reference: learned_optimization's PES iteration at this size on the 10-d quadratic,
-P = 16, took 1,786 ms on this machine (FIELD-NOTES).
+The estimators run `step_in_place` (as meta-training does: the new state is
+written into the old one's buffers), each call on the state the previous one
+returned. Every function is compiled first, then all are timed interleaved (one
+call each per round, so load from other processes hits them alike); medians over
+the rounds. Memory is XLA's compiled estimate (arguments + temporaries, nothing
+allocated by it). The reference: learned_optimization's PES iteration at this
+size on the 10-d quadratic, P = 16, took 1,786 ms on this machine (FIELD-NOTES).
 
 Usage:
     python analysis/bench_velo_es.py [--populations 16,64] [--families quadratic]
@@ -72,7 +74,8 @@ def families() -> dict:
 
 def estimator_fn(system, theta, population: int, rank, estimator: str = "pes"):
     """(jitted meta-iteration, args) of PES with stored noise, or of FullES
-    (Open_ES, K-step full unrolls), at `rank`."""
+    (Open_ES, K-step full unrolls), at `rank`: the `step_in_place` that
+    meta-training runs (it consumes its state; `Threaded` carries it on)."""
     if estimator == "full_es":
         es = FullES(system, population_size=population, num_steps=TRUNCATION, rank=rank)
     else:
@@ -84,7 +87,19 @@ def estimator_fn(system, theta, population: int, rank, estimator: str = "pes"):
             rank=rank,
         )
     state = es.init(jax.random.key(0), theta)
-    return es.step, (jax.random.key(1), state)
+    return es.step_in_place, (jax.random.key(1), state)
+
+
+class Threaded:
+    """A compiled `step(key, state) -> (state, metrics)` that consumes its state,
+    called as `run(key)` with the state it returned last."""
+
+    def __init__(self, step, state):
+        self.step, self.state = step, state
+
+    def __call__(self, key):
+        self.state, metrics = self.step(key, self.state)
+        return metrics
 
 
 def floor_fn(system, theta, population: int):
@@ -135,7 +150,11 @@ def bench(family_name, population, rank, rounds, budget_s, lopt_name, estimator)
     memory = {}
     for name, (fn, args) in fns.items():
         call, memory[name] = compiled(fn, args)
-        fns[name] = (call, args)
+        if name == "floor":
+            fns[name] = (call, args)
+        else:  # the state goes from each call to the next
+            key, state = args
+            fns[name] = (Threaded(call, state), (key,))
     times = round_robin(fns, rounds, budget_s)
     floor = statistics.median(times["floor"])
     rows = []

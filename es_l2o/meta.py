@@ -51,6 +51,7 @@ from es_l2o.checkpointer import (
     split_run_key,
     truncate_lines,
 )
+from es_l2o.es import common
 from es_l2o.run_log import RunLog, scalars
 from es_l2o.validation import BestTheta, Validator
 
@@ -214,7 +215,11 @@ def _start(estimator, theta, key, num_iterations, resume, checkpointer, validato
 def _step(estimator, state, key_steps, iteration: int, checkpointer: Checkpointer):
     """One meta-iteration: (new state, its record); refuses a non-finite theta."""
     t0 = time.perf_counter()
-    state, metrics = estimator.step(iteration_key(key_steps, iteration), state)
+    # the step that consumes its state where the estimator has one: the new state
+    # then lives in the old one's buffers (a fresh P/2 x D score or Adam state costs
+    # more to allocate on a CPU than to update in place)
+    step = getattr(estimator, "step_in_place", estimator.step)
+    state, metrics = step(iteration_key(key_steps, iteration), state)
     record = scalars(metrics)  # waits for the device: part of the wall time
     record = {"iteration": iteration, "wall_time_s": time.perf_counter() - t0, **record}
     if not record.get("theta_finite", 1):
@@ -225,6 +230,20 @@ def _step(estimator, state, key_steps, iteration: int, checkpointer: Checkpointe
             + (f"; the last checkpoint is {last}" if last else "")
         )
     return state, record
+
+
+def _copy(tree):
+    """`tree` with every array copied."""
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _owned(state, theta, resume):
+    """`state` with nothing the caller holds and no array twice: the loop's steps
+    consume their state (`step_in_place`), so a resumed `Snapshot` is copied, and
+    so is any array of a fresh state that is one of `theta`'s."""
+    if isinstance(resume, Snapshot):
+        return _copy(state)
+    return common.distinct_arrays(state, jax.tree.leaves(theta))
 
 
 def train(
@@ -244,6 +263,10 @@ def train(
     `log` reports every iteration, `checkpointer` saves when due (and, with
     `handle_signals`, on SIGINT / SIGTERM, then raises `Interrupted`), `validator`
     scores the mean theta when due. Arguments and errors: see `meta_train`.
+
+    Each iteration runs the estimator's `step_in_place` where it has one (else its
+    `step`): the state it is given is consumed, so a checkpoint callback that keeps
+    arrays of the state must copy them.
     """
     _check_count("num_iterations", num_iterations, 0)
     log = RunLog(progress=False) if log is None else log
@@ -251,7 +274,7 @@ def train(
     first = _start(
         estimator, theta, key, num_iterations, resume, checkpointer, validator
     )
-    state, done, history = first.state, first.iteration, []
+    state, done, history = _owned(first.state, theta, resume), first.iteration, []
     best = BestTheta(first.best_validation_loss, first.best_iteration, first.best_theta)
 
     def snapshot() -> Snapshot:
@@ -271,7 +294,7 @@ def train(
             state, record = _step(estimator, state, first.key, iteration, checkpointer)
             done = iteration + 1
             if validator is not None and validator.due(done, num_iterations):
-                current = estimator.theta(state)
+                current = _copy(estimator.theta(state))  # the state's are consumed
                 record["meta_validation_loss"] = loss = validator(current)
                 best = best.offer(loss, done, current)
             history.append(record)

@@ -353,6 +353,28 @@ def test_second_step_does_not_recompile():
     assert es.step._cache_size() == 1
 
 
+@pytest.mark.parametrize("noise", ["stored", "keys"])
+def test_step_in_place_matches_step_on_a_fresh_state(noise):
+    """`step_in_place` consumes its state (meta-training runs it): a fresh state
+    holds every buffer once (the stored rows start as zeros twice), and its result
+    is `step`'s."""
+    es = PES(
+        InfluenceBalancing(),
+        population_size=4,
+        truncation_length=2,
+        noise=noise,
+        theta=SCALAR,
+    )
+    theta = jnp.asarray(0.5)
+    state = es.init(jax.random.key(0), theta)
+    expected, _ = es.step(jax.random.key(1), state)
+    for _ in range(2):  # its own output goes in again
+        state, _ = es.step_in_place(jax.random.key(1), state)
+        jax.tree.map(np.testing.assert_array_equal, state, expected)
+        expected, _ = es.step(jax.random.key(1), expected)
+    assert float(theta) == 0.5  # the caller's theta is not consumed
+
+
 def test_keys_mode_stores_no_per_pair_vectors():
     es = PES(
         InfluenceBalancing(),

@@ -135,6 +135,40 @@ def strong_types(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
 
 
+def _buffers(x) -> set:
+    """Where an array's data lives: (device, address) of each local shard (two
+    Array objects may share one buffer: a `device_put` to where it already is)."""
+    try:
+        return {
+            (shard.device.id, shard.data.unsafe_buffer_pointer())
+            for shard in x.addressable_shards
+        }
+    except Exception:  # no address to read (a PRNG key array, a deleted array)
+        return {("id", id(x))}
+
+
+def distinct_arrays(tree, taken=()):
+    """`tree` with a copy of every array whose buffer it already holds, or that
+    shares one with `taken`, so that a step that consumes its state
+    (`step_in_place`) is given every buffer once and nothing of the caller's."""
+    seen = set()
+    for x in taken:
+        if isinstance(x, jax.Array):
+            seen |= _buffers(x)
+
+    def own(x):
+        if not isinstance(x, jax.Array):
+            return x
+        where = _buffers(x)
+        if where & seen:
+            x = x.copy()
+            where = _buffers(x)
+        seen.update(where)
+        return x
+
+    return jax.tree.map(own, tree)
+
+
 def check_population_memory(
     system, theta, population_size: int, mesh, es_state=None, theta_copies: int = 2
 ):

@@ -206,6 +206,9 @@ class MultiFamilyES:
         self.population_sizes = tuple(e.population_size for e in estimators)
         self.population_size = sum(self.population_sizes)
         self.step = jax.jit(self._step)
+        #: `step` that consumes its state: the new state is written into the old
+        #: one's buffers (`es_l2o.meta.train` runs this)
+        self.step_in_place = jax.jit(self._step, donate_argnums=1)
         self.gradient = jax.jit(self._gradient)
 
     @classmethod
@@ -266,11 +269,12 @@ class MultiFamilyES:
                     f"family {name!r} has another meta-optimizer than family "
                     f"{self.names[0]!r}; every family must share one"
                 )
-        return MultiFamilyState(
+        state = MultiFamilyState(
             es_state=states[0].es_state,
             families=tuple(_own(s) for s in states),
             iteration=states[0].iteration,
         )
+        return common.distinct_arrays(state, jax.tree.leaves(theta))
 
     def state_template(self) -> MultiFamilyState:
         """The abstract state of `init` (shapes and dtypes only)."""

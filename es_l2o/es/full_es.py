@@ -197,6 +197,9 @@ class FullES:
         self.unravel = self.algorithm._unravel_solution
         self.antithetic = common.is_antithetic(self.algorithm)
         self.step = jax.jit(self._step)
+        #: `step` that consumes its state: the new state is written into the old
+        #: one's buffers (`es_l2o.meta.train` runs this)
+        self.step_in_place = jax.jit(self._step, donate_argnums=1)
         self.gradient = jax.jit(self._gradient)
 
     def _algorithm_class(self, algorithm) -> tuple:
@@ -239,7 +242,8 @@ class FullES:
             jax.eval_shape(self._make_state, key, theta).es_state,
             theta_copies=1 if self.keyed else 2,
         )
-        return sharding.put_replicated(self._make_state(key, theta), self.mesh)
+        state = sharding.put_replicated(self._make_state(key, theta), self.mesh)
+        return common.distinct_arrays(state, jax.tree.leaves(theta))
 
     def theta(self, state: ESState):
         """The current mean meta-parameters."""

@@ -183,6 +183,9 @@ class TruncatedEstimator:
         self.pair_chunk = truncation.pair_chunk_of(pair_chunk, self.num_pairs)
         self.store, self.population = self._population(walk_depth)
         self.step = jax.jit(self._step)
+        #: `step` that consumes its state: the new state is written into the old
+        #: one's buffers (`es_l2o.meta.train` runs this)
+        self.step_in_place = jax.jit(self._step, donate_argnums=1)
         self.gradient = jax.jit(self._gradient)
         self._init_inner = jax.jit(
             lambda key, theta: pairs.init_particles(
@@ -262,7 +265,8 @@ class TruncatedEstimator:
             self.mesh,
             (abstract.es_state, abstract.noise, abstract.pair_steps),
         )
-        return self._place(self._make_state(key, theta))
+        state = self._place(self._make_state(key, theta))
+        return common.distinct_arrays(state, jax.tree.leaves(theta))
 
     def _place(self, state: TruncatedESState) -> TruncatedESState:
         """Particles' inner states split over the mesh, the rest replicated (stored
