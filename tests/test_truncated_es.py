@@ -436,10 +436,11 @@ def test_theta_must_match_the_template_the_estimator_was_built_from():
 
 @pytest.mark.parametrize("name", ["pes", "tes", "nres"])
 def test_each_config_builds_its_estimator_and_steps(name):
-    """configs/es/NAME.yaml (composed with its schema) builds `ESTIMATORS[NAME]`, whose rule weights a loss as
-    the estimator promises: after two truncations without a reset, PES's score is
-    the sum of both perturbations, truncated ES's and noise reuse's the current
-    one alone (noise reuse keeping the first perturbation)."""
+    """configs/es/NAME.yaml (composed with its schema) builds `ESTIMATORS[NAME]`,
+    whose rule weights a loss as the estimator promises: after two truncations
+    without a reset, PES's score is the sum of both perturbations, truncated ES's
+    and noise reuse's the current one alone (noise reuse keeping the first
+    perturbation)."""
     from es_l2o import cli
 
     sizes = ["es.population_size=4", "es.truncation_length=2"]
