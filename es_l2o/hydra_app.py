@@ -91,6 +91,31 @@ def _raise_terminated(signum, frame) -> None:
     raise _Terminated(signum)
 
 
+class _JobErrorFilter:
+    """stderr with Hydra's "Error executing job with overrides: [...]" line held
+    back: a failed sweep job is then reported in one line that names its overrides.
+    Everything else passes through as it comes."""
+
+    PREFIX = "Error executing job with overrides: "
+
+    def __init__(self, stream):
+        self.stream, self.job = stream, None
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            import ast
+
+            listed = text[len(self.PREFIX) :].strip()
+            with contextlib.suppress(ValueError, SyntaxError):
+                listed = " ".join(ast.literal_eval(listed))
+            self.job = listed
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def run_app(program: str, config_name: str, task, argv: list[str]) -> int:
     """Runs `task` as the Hydra application `program` over `argv` (Hydra's flags
     and overrides); Hydra's and the task's errors become one line and exit code 2
@@ -109,6 +134,7 @@ def run_app(program: str, config_name: str, task, argv: list[str]) -> int:
     sys.argv = [program, *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises: the one line is ours
     _FAILED.clear()
+    stderr = sys.stderr = _JobErrorFilter(sys.stderr)
     try:
         _check_flags(program, argv)
         app()
@@ -125,9 +151,11 @@ def run_app(program: str, config_name: str, task, argv: list[str]) -> int:
     ) as err:
         if full_error:
             raise
-        print(f"{program}: error: {one_line(err)}", file=sys.stderr, flush=True)
+        job = f"job {stderr.job}: " if stderr.job else ""
+        print(f"{program}: error: {job}{one_line(err)}", file=stderr.stream, flush=True)
         return USAGE_ERROR
     finally:
+        sys.stderr = stderr.stream
         sys.argv = saved_argv
         if not full_error:
             del os.environ["HYDRA_FULL_ERROR"]

@@ -71,3 +71,14 @@ def test_cfg_job_prints_the_composed_config(capsys):
     assert "_target_: es_l2o.es.PES" in out and "std: 0.05" in out
     assert cli.eval_main(["--cfg", "job", "horizon=7"]) == 0
     assert "horizon: 7" in capsys.readouterr().out
+
+
+def test_a_failed_sweep_job_is_one_line_naming_its_overrides(capsys, tmp_path):
+    argv = ["-m", "es.population_size=-4,0", f"hydra.sweep.dir={tmp_path}"]
+    assert cli.train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "es-l2o-train: error: job es.population_size=-4: "
+        "es.population_size must be a positive integer, got -4"
+    ]
+    assert not any(tmp_path.glob("*/config.yaml"))  # a refused job leaves no run
