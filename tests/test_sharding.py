@@ -1,5 +1,5 @@
 """The population axis over 8 (forced host) devices: the same theta as on one
-device, for full-unroll and truncated estimators."""
+device, for full-unroll and truncated estimators, full-rank and low-rank."""
 
 import os
 import subprocess
@@ -52,9 +52,9 @@ SCRIPT = textwrap.dedent(
         stagger=True,
     )
 
-    def run_pes(mesh, noise="stored", estimator=PES):
+    def run_pes(mesh, noise="stored", estimator=PES, rank=None):
         es = estimator(pes_system, population_size=16, std=0.01, truncation_length=3,
-                       optimizer=optax.adam(1e-2), mesh=mesh, noise=noise)
+                       optimizer=optax.adam(1e-2), mesh=mesh, noise=noise, rank=rank)
         state = es.init(jax.random.key(0), lopt.init(jax.random.key(1)))
         for i in range(3):
             state, _ = es.step(jax.random.key(20 + i), state)
@@ -65,6 +65,7 @@ SCRIPT = textwrap.dedent(
     # summation order across devices differs: theta agrees to float tolerance
     for noise in ("stored", "keys"):
         one_pes, _ = run_pes(population_mesh(1), noise)
+        full_rank = one_pes if noise == "stored" else full_rank
         eight_pes, rows = run_pes(population_mesh(8), noise)
         for a, b in zip(jax.tree.leaves(one_pes), jax.tree.leaves(eight_pes)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -78,6 +79,14 @@ SCRIPT = textwrap.dedent(
     reuse_eight, _ = run_pes(population_mesh(8), "stored", NoiseReuseES)
     for a, b in zip(jax.tree.leaves(reuse_one), jax.tree.leaves(reuse_eight)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # low-rank (EGGROLL) perturbations of theta's matrices: each pair's factors
+    # and scores live on its particles' device
+    low_one, _ = run_pes(population_mesh(1), rank=1)
+    low_eight, _ = run_pes(population_mesh(8), rank=1)
+    for a, b in zip(jax.tree.leaves(low_one), jax.tree.leaves(low_eight)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not all(np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(low_one), jax.tree.leaves(full_rank)))  # rank took effect
 
     one, _, _ = run(population_mesh(1))
     eight, rows, text = run(population_mesh(8))
