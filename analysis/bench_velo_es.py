@@ -34,7 +34,6 @@ unrolls instead (the floor then omits the unroll's initialisation).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -46,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from analysis.bench_step import round_robin
+from analysis.bench_step import round_robin, write_csv
 from es_l2o.es import PES, FullES
 from es_l2o.lopt import HierarchicalLOpt
 from es_l2o.unroll import LOptTraining
@@ -178,10 +177,7 @@ def bench(family_name, population, rank, rounds, budget_s, lopt_name, estimator)
 
 def write(rows, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "bench_velo_es.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "bench_velo_es.csv", rows)
     (out / "bench_velo_es.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=2)
     )

@@ -23,7 +23,6 @@ Writes OUT/rank_vs_full.csv and OUT/rank_vs_full.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -31,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from analysis.bench_step import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,10 +120,7 @@ def main(argv=None) -> None:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "rank_vs_full.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "rank_vs_full.csv", rows)
     cmd = " ".join(command("RANK", args, runs / "rank_RANK")[1:])
     lines = [
         "| es.rank | meta-loss (last "

@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from analysis.bench_step import write_csv
 from es_l2o.es import FullES
 from es_l2o.toy_systems import MatrixFeedback
 
@@ -82,10 +82,7 @@ def main(argv=None) -> None:
         row["x_full_rank_mse"] = round(row["relative_mse"] / full, 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "variance_rank.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "variance_rank.csv", rows)
     lines = [
         f"MatrixFeedback m={args.m} n={args.n}, D={exact.size}, FullES P="
         f"{args.population}, {args.repeats} estimates per rank",
