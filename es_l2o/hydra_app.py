@@ -82,13 +82,29 @@ def _show_hydra_lines() -> None:
         logger.propagate = False
 
 
-class _Terminated(BaseException):
-    """SIGTERM outside meta-training (which handles it itself)."""
+def _stopped_line(program: str, signum: int) -> str:
+    return (
+        f"{program}: stopped by {signal.Signals(signum).name} outside "
+        "meta-training; a run that wrote a checkpoint continues with "
+        "es-l2o-train resume=RUN_DIR"
+    )
 
 
-def _raise_terminated(signum, frame) -> None:
-    del frame
-    raise _Terminated(signum)
+def _exit_on_sigterm(program: str):
+    """The SIGTERM handler outside meta-training (which handles it itself): one
+    line, then exit 128 + 15 at once. The handler does not raise: a signal may land
+    in a callback whose exceptions Python ignores (a gc callback: the run would go
+    on) or in an extension module's start-up (a crash). Files are written
+    atomically and the run folder's lock goes with the process, so nothing is left
+    half done."""
+
+    def handler(signum, frame) -> None:
+        del frame
+        with contextlib.suppress(OSError):
+            os.write(2, (_stopped_line(program, signum) + "\n").encode())
+        os._exit(SIGNAL_EXIT_BASE + signum)
+
+    return handler
 
 
 class _JobErrorFilter:
@@ -167,22 +183,15 @@ def stopping_lines(program: str, body) -> int:
     one line with their exit status."""
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread: leave them alone
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm(program))
     try:
         return body()
     except Stopped as stopped:
         print(f"{program}: {stopped}", file=sys.stderr, flush=True)
         return stopped.code
-    except (KeyboardInterrupt, _Terminated) as err:
-        signum = err.args[0] if isinstance(err, _Terminated) else signal.SIGINT
-        print(
-            f"{program}: stopped by {signal.Signals(signum).name} outside "
-            "meta-training; a run that wrote a checkpoint continues with "
-            "es-l2o-train resume=RUN_DIR",
-            file=sys.stderr,
-            flush=True,
-        )
-        return SIGNAL_EXIT_BASE + signum
+    except KeyboardInterrupt:
+        print(_stopped_line(program, signal.SIGINT), file=sys.stderr, flush=True)
+        return SIGNAL_EXIT_BASE + signal.SIGINT
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
