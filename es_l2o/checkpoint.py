@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -113,6 +114,39 @@ def _unkey(tree) -> tuple[Any, dict[str, str]]:
         return leaf
 
     return jax.tree_util.tree_map_with_path(convert, tree), impls
+
+
+def _is_empty(leaf) -> bool:
+    return math.prod(leaf.shape) == 0
+
+
+def _without_empty(tree):
+    """Zero-size leaves (Orbax refuses to write them) as 0-d placeholders; their
+    shapes stay in the record's leaf table, and `_with_empty` restores them."""
+
+    def placeholder(x):
+        if not _is_empty(x):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((), x.dtype)
+        return np.zeros((), x.dtype)
+
+    return jax.tree.map(placeholder, tree)
+
+
+def _with_empty(tree, template):
+    """`tree` with the zero-size leaves of `template` (on its shardings)."""
+
+    def fill(leaf, like):
+        if not _is_empty(like):
+            return leaf
+        where = getattr(like, "sharding", None)
+        if where is None:
+            return jnp.zeros(like.shape, like.dtype)
+        empty = np.zeros(like.shape, like.dtype)
+        return jax.make_array_from_callback(like.shape, where, lambda i: empty[i])
+
+    return jax.tree.map(fill, tree, template)
 
 
 def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
@@ -368,7 +402,8 @@ def save(
         manager.save(
             int(iteration),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(data), meta=ocp.args.JsonSave(record)
+                state=ocp.args.StandardSave(_without_empty(data)),
+                meta=ocp.args.JsonSave(record),
             ),
             force=True,
         )
@@ -547,8 +582,9 @@ def load(path: str | os.PathLike, template) -> Checkpoint:
     record = _check_record(source, record)
     plain, expected_impls = _without_keys(source, template, record)
     _check_leaves(source, record["leaves"], plain)
-    target = _targets(plain)
+    target = _targets(_without_empty(plain))
     restored = _restore(path, state=ocp.args.StandardRestore(target))["state"]
+    restored = _with_empty(restored, plain)
     digest = _digest if record.get("checksum") == CHECKSUM else _digest_bytes
     if digest(restored) != record.get("sha256"):
         raise CheckpointError(
@@ -608,6 +644,14 @@ def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         "state"
     ]
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    shapes = [shape for _, _, shape in record["leaves"]]
+    if len(shapes) != len(flat):
+        shapes = [None] * len(flat)
     return record, {
-        jax.tree_util.keystr(p): np.asarray(jax.device_get(x)) for p, x in flat
+        jax.tree_util.keystr(p): (
+            np.zeros(shape, x.dtype)
+            if shape is not None and math.prod(shape) == 0
+            else np.asarray(jax.device_get(x))
+        )
+        for (p, x), shape in zip(flat, shapes, strict=True)
     }
