@@ -1,6 +1,15 @@
 """Test ordering for pytest-xdist (see `addopts` in pyproject.toml): each module
 runs on one worker, and the modules that take longest start first, so that the
-workers finish at about the same time."""
+workers finish at about the same time; every test process compiles at XLA's lowest
+backend optimisation level (`xla_flags.FAST_COMPILE`)."""
+
+import os
+
+from xla_flags import FAST_COMPILE
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if FAST_COMPILE not in _flags:  # before JAX starts its backend
+    os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {_flags}".strip()
 
 #: modules by their time on a 2-core CPU, longest first, the rest following in
 #: order. xdist hands each worker two modules to start with (the first and third,

@@ -7,7 +7,8 @@ Each architecture's compile runs in a child process (`compile_child.py`) under a
 address-space cap and a time limit, so that a compile that runs away fails the test
 and names the trees instead of taking the machine down. The children run two at a
 time (one under pytest-xdist), one per architecture setting (the sizes its config
-ships and its constructor defaults).
+ships and its constructor defaults), at the suite's XLA settings (`xla_flags.py`): a
+compile that runs away does so in the program it builds, at any optimisation level.
 
 Vector lengths: the grouped optimizers (`mlp`, `hierarchical`) compile a tensor
 through the group it falls into (`features.ShapeGroups`: a zero-padded bucket, or

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
+from xla_flags import with_devices
 
 from es_l2o import checkpoint, export, files
 from es_l2o.cli import train_main
@@ -654,7 +655,7 @@ def test_a_multi_device_state_is_restored_onto_its_mesh():
     root = str(Path(__file__).resolve().parents[1])
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=with_devices(8)["XLA_FLAGS"],
         PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
     )
     done = subprocess.run(

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from xla_flags import with_devices
 
 from es_l2o.cli import train_main
 from es_l2o.es import PES, FullES, MultiFamilyES, allocate_particles, family_state
@@ -202,9 +203,7 @@ def _subprocess(script, env_extra=None, timeout=600):
 
 
 def test_eight_devices_give_the_theta_of_one():
-    out = _subprocess(
-        SHARDED, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    )
+    out = _subprocess(SHARDED, {"XLA_FLAGS": with_devices(8)["XLA_FLAGS"]})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from xla_flags import with_devices
 
 from es_l2o import checkpoint, export, files
 
@@ -75,7 +76,7 @@ class Launch:
                 [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
             ),
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+            XLA_FLAGS=with_devices(devices)["XLA_FLAGS"],
         )
         # no persistent compilation cache: only process 0 writes it, so process 0
         # of a later run would load its programs while process 1 compiles them, and

@@ -4,10 +4,11 @@ from `init` on), no large tensor is gathered onto one device, and a training loo
 compiles the update no more often than it compiles `optax.adam`'s."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
+
+from xla_flags import with_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -86,7 +87,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_updates_and_state_keep_the_parameters_sharding():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = with_devices(8)
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         capture_output=True,

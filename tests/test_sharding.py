@@ -1,12 +1,12 @@
 """The population axis over 8 (forced host) devices: the same theta as on one
 device, for full-unroll and truncated estimators, full-rank and low-rank."""
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from xla_flags import with_devices
 
 from es_l2o import sharding
 
@@ -131,7 +131,7 @@ SCRIPT = textwrap.dedent(
 def _run_on_eight_devices(script: str, marker: str, timeout: int) -> None:
     """Runs `script` in a child process with 8 forced CPU devices; it must print
     `marker` and exit cleanly."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = with_devices(8)
     proc = subprocess.run(
         [sys.executable, "-c", script],
         env=env,
