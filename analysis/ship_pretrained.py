@@ -4,10 +4,12 @@
         --optimizer RUN_N/theta.safetensors --evaluation analysis/results/generalist
 
 Each RUN is one meta-training stage (its `config.yaml` and `metrics.jsonl`, in
-order); the optimizer file is the last stage's export (or its latest
-`theta.safetensors` where the stage was stopped early). Writes `NAME.safetensors`
-and `NAME.json` (recipe, stages with their configs, iterations and hours, CPU-hours
-in all, the commit, the evaluation summaries of `analysis/eval_generalist.py`).
+order); `--after es_l2o/pretrained/NAME.json` puts the stages of a shipped file's
+provenance before them (where those run folders are gone). The optimizer file is the
+last stage's export (or its latest `theta.safetensors` where the stage was stopped
+early). Writes `NAME.safetensors` and `NAME.json` (recipe, stages with their configs,
+iterations and hours, CPU-hours in all, the commit, the evaluation summaries of
+`analysis/eval_generalist.py`).
 """
 
 from __future__ import annotations
@@ -63,9 +65,13 @@ def main(argv=None) -> None:
     parser.add_argument("--optimizer", type=Path, required=True)
     parser.add_argument("--evaluation", type=Path, default=None)
     parser.add_argument("--recipe", default="es-l2o-train experiment=generalist")
+    parser.add_argument("--after", type=Path, default=None, help="earlier stages")
     args = parser.parse_args(argv)
     export.load(args.optimizer, num_steps=1)  # refuses a bad file before copying
-    stages = [stage_record(run) for run in args.runs]
+    earlier = []
+    if args.after is not None:
+        earlier = json.loads(args.after.read_text())["stages"]
+    stages = earlier + [stage_record(run) for run in args.runs]
     cores = os.cpu_count() or 1
     evaluation = {}
     if args.evaluation is not None:
