@@ -149,6 +149,13 @@ def _with_empty(tree, template):
     return jax.tree.map(fill, tree, template)
 
 
+def _path_names(keystr: str) -> tuple[str, ...]:
+    """The names in a `keystr` path, whatever the containers: `.a[0]`, `['a']['0']`
+    and `['a'][0]` all give ("a", "0")."""
+    found = re.findall(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]", keystr)
+    return tuple("".join(parts) for parts in found)
+
+
 def checkpoint_path(directory: str | os.PathLike, iteration: int) -> Path:
     """Where `save` puts the checkpoint of `iteration` in `directory`."""
     return Path(directory) / f"{PREFIX}_{int(iteration):08d}"
@@ -644,14 +651,17 @@ def arrays(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         "state"
     ]
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
-    shapes = [shape for _, _, shape in record["leaves"]]
-    if len(shapes) != len(flat):
-        shapes = [None] * len(flat)
-    return record, {
-        jax.tree_util.keystr(p): (
-            np.zeros(shape, x.dtype)
-            if shape is not None and math.prod(shape) == 0
-            else np.asarray(jax.device_get(x))
-        )
-        for (p, x), shape in zip(flat, shapes, strict=True)
+    # zero-size leaves by their path's names (the containers may differ)
+    empty = {
+        _path_names(path): shape
+        for path, _, shape in record["leaves"]
+        if math.prod(shape) == 0
     }
+
+    def host(path, leaf):
+        shape = empty.get(_path_names(jax.tree_util.keystr(path)))
+        if shape is not None:
+            return np.zeros(shape, leaf.dtype)
+        return np.asarray(jax.device_get(leaf))
+
+    return record, {jax.tree_util.keystr(p): host(p, x) for p, x in flat}
