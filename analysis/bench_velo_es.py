@@ -25,6 +25,7 @@ size on the 10-d quadratic, P = 16, took 1,786 ms on this machine (FIELD-NOTES).
 Usage:
     python analysis/bench_velo_es.py [--populations 16,64] [--families quadratic]
         [--rank 1] [--rounds 5] [--budget-s 120] [--out analysis/results/velo_es]
+        [--variants full,low,floor]
 
 Writes OUT/bench_velo_es.csv, OUT/bench_velo_es.json and OUT/bench_velo_es.md.
 With `--estimator full_es` the iteration is FullES (Open_ES) over K-step full
@@ -136,16 +137,29 @@ def compiled(fn, args):
     return call, int(size)
 
 
-def bench(family_name, population, rank, rounds, budget_s, lopt_name, estimator):
-    """Rows for one (family, population): full, low rank, floor."""
+VARIANTS = ("full", "low", "floor")
+
+
+def bench(
+    family_name,
+    population,
+    rank,
+    rounds,
+    budget_s,
+    lopt_name,
+    estimator,
+    variants=VARIANTS,
+):
+    """Rows for one (family, population): full, low rank, floor (those asked)."""
     lopt = velo_lopt(lopt_name)
     theta = lopt.init(jax.random.key(1))
     system = LOptTraining(families()[family_name], lopt, (200, 2000), stagger="offset")
-    fns = {
-        "full": estimator_fn(system, theta, population, None, estimator),
-        "low": estimator_fn(system, theta, population, rank, estimator),
-        "floor": floor_fn(system, theta, population),
+    makers = {
+        "full": lambda: estimator_fn(system, theta, population, None, estimator),
+        "low": lambda: estimator_fn(system, theta, population, rank, estimator),
+        "floor": lambda: floor_fn(system, theta, population),
     }
+    fns = {name: makers[name]() for name in variants}
     memory = {}
     for name, (fn, args) in fns.items():
         call, memory[name] = compiled(fn, args)
@@ -155,7 +169,7 @@ def bench(family_name, population, rank, rounds, budget_s, lopt_name, estimator)
             key, state = args
             fns[name] = (Threaded(call, state), (key,))
     times = round_robin(fns, rounds, budget_s)
-    floor = statistics.median(times["floor"])
+    floor = statistics.median(times["floor"]) if "floor" in times else float("nan")
     rows = []
     for name, samples in times.items():
         ms = 1e3 * statistics.median(samples)
@@ -207,7 +221,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=120.0)
     parser.add_argument("--out", default=str(ROOT / "analysis/results/velo_es"))
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="which of full,low,floor to time (full rank streams P x D floats per "
+        "step: leave it out to time low rank and the floor without its cache misses)",
+    )
     args = parser.parse_args(argv)
+    variants = tuple(args.variants.split(","))
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        parser.error(f"--variants {args.variants!r}: choose from {','.join(VARIANTS)}")
     rows = []
     for family in args.families.split(","):
         for population in (int(p) for p in args.populations.split(",")):
@@ -220,8 +244,10 @@ def main(argv=None) -> None:
                 args.budget_s,
                 args.lopt,
                 args.estimator,
+                variants,
             )
-            print(table(rows[-3:], {}), f"({time.perf_counter() - start:.0f} s)")
+            seconds = time.perf_counter() - start
+            print(table(rows[-len(variants) :], {}), f"({seconds:.0f} s)")
             write(rows, Path(args.out), _meta(args))  # kept if cut short
     print(table(rows, _meta(args)))
 
@@ -230,6 +256,7 @@ def _meta(args) -> dict:
     device = jax.devices()[0]
     return {
         "estimator": f"{args.estimator}, K = {TRUNCATION}, lopt {args.lopt}",
+        "variants timed together": args.variants,
         "peer_ms (learned_optimization, quadratic, P=16)": PEER_MS,
         "load_average": os.getloadavg(),
         "machine": f"{platform.processor() or platform.machine()}, "

@@ -45,6 +45,8 @@ class SystemConfig:
     stagger: bool = False
     # the loss a non-finite step scores; the estimators read it from here too
     nonfinite_penalty: float = 1000.0
+    # a step whose loss exceeds this multiple of its episode's first fails too
+    divergence_factor: float | None = None
 
 
 @dataclass

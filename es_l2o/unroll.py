@@ -125,6 +125,7 @@ class LOptTrainingState:
     cfg: Any
     step: jax.Array  # steps taken in the current episode
     horizon: jax.Array  # length of the current episode
+    first_loss: jax.Array  # the episode's first training loss (NaN before it)
 
 
 def _where_tree(cond, on_true, on_false):
@@ -182,6 +183,11 @@ class LOptTraining(UnrolledSystem):
               Not for full-unroll ES, which calls `init` in every unroll.
         nonfinite_penalty: the loss reported for a step whose loss or parameters are
             not finite; that particle restarts at its next step.
+        divergence_factor: a step whose training loss exceeds this multiple of its
+            episode's first loss (where that is > 0) fails as a non-finite one
+            does: it scores `nonfinite_penalty`, keeps the parameters and restarts
+            the task, so a diverging optimizer is penalised once and its particle
+            goes on giving signal from a fresh task. None: never.
 
     Example:
         >>> import jax
@@ -202,6 +208,7 @@ class LOptTraining(UnrolledSystem):
         *,
         stagger: bool | str = False,
         nonfinite_penalty: float = 1e3,
+        divergence_factor: float | None = None,
     ):
         if isinstance(horizon, int | float) and not isinstance(horizon, bool):
             low = high = horizon
@@ -224,6 +231,11 @@ class LOptTraining(UnrolledSystem):
         self.stagger_mode = _stagger_mode(stagger)
         self.stagger = self.stagger_mode != "none"
         self.nonfinite_penalty = float(nonfinite_penalty)
+        if divergence_factor is not None and not divergence_factor > 1:
+            raise ValueError(
+                f"divergence_factor must be > 1 or None, got {divergence_factor!r}"
+            )
+        self.divergence_factor = divergence_factor
         self.has_validation = bool(family.has_validation)
 
     @property
@@ -246,7 +258,12 @@ class LOptTraining(UnrolledSystem):
         horizon = self.sample_horizon(key_horizon)
         opt_state = self.lopt.transform(theta, horizon).init(params)
         return LOptTrainingState(
-            params, opt_state, cfg, jnp.zeros((), jnp.int32), horizon
+            params,
+            opt_state,
+            cfg,
+            jnp.zeros((), jnp.int32),
+            horizon,
+            jnp.full((), jnp.nan, jnp.float32),
         )
 
     def init(self, key, theta):
@@ -289,7 +306,11 @@ class LOptTraining(UnrolledSystem):
             grads, state.opt_state, state.params, value=loss
         )
         params = optax.apply_updates(state.params, updates)
+        first_loss = jnp.where(jnp.isnan(state.first_loss), loss, state.first_loss)
         finite = jnp.isfinite(loss) & _all_finite(params)
+        if self.divergence_factor is not None:
+            diverged = (first_loss > 0) & (loss > self.divergence_factor * first_loss)
+            finite = finite & ~diverged
         new_state = LOptTrainingState(
             params=_where_tree(finite, params, state.params),
             opt_state=_where_tree(finite, opt_state, state.opt_state),
@@ -297,6 +318,7 @@ class LOptTraining(UnrolledSystem):
             # a failed particle ends its episode so that the next step restarts it
             step=jnp.where(finite, state.step + 1, state.horizon),
             horizon=state.horizon,
+            first_loss=first_loss.astype(jnp.float32),
         )
         loss = jnp.where(finite, loss, self.nonfinite_penalty)
         return new_state, (loss, finite)

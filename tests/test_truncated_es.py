@@ -324,6 +324,24 @@ def test_nonfinite_steps_restart_pairs_and_never_reach_theta():
     assert float(es.theta(state)) < 0.5  # pushed off the cliff by the penalty
 
 
+def test_a_diverging_step_fails_and_restarts_the_task():
+    system = LOptTraining(QuadraticFamily(dim=4), LOPT, horizon=10, divergence_factor=3)
+    theta = LOPT.init(jax.random.key(0))
+    fresh = system.new_episode(jax.random.key(1), theta)
+    assert bool(jnp.isnan(fresh.first_loss))
+    state, out = system.step(jax.random.key(2), theta, fresh)
+    assert bool(out.finite) and int(state.step) == 1
+    assert float(state.first_loss) == pytest.approx(float(out.loss))
+    # the same step, as if its episode had started at a third of the loss
+    low = fresh.replace(first_loss=out.loss / 3.5)
+    failed, out = system.step(jax.random.key(2), theta, low)
+    assert not bool(out.finite) and float(out.loss) == system.nonfinite_penalty
+    assert bool(system.episode_done(failed))  # the next step starts a new task
+    jax.tree.map(np.testing.assert_array_equal, failed.params, fresh.params)
+    with pytest.raises(ValueError, match="divergence_factor must be > 1"):
+        LOptTraining(QuadraticFamily(dim=4), LOPT, divergence_factor=1.0)
+
+
 # -- options --------------------------------------------------------------------------
 
 

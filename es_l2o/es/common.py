@@ -128,6 +128,22 @@ def sanitize_fitness(fitness: jax.Array, penalty: float) -> jax.Array:
     return jnp.where(jnp.isfinite(fitness), fitness, penalty)
 
 
+def norm_and_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(norm, finite)` of a flat vector from one pass: a vector holding a NaN or
+    an infinity has a non-finite norm (so does one whose squares overflow float32,
+    around 1e19 per entry at this size, which no usable theta reaches).
+
+    Example:
+        >>> norm, finite = norm_and_finite(jnp.array([3.0, 4.0]))
+        >>> float(norm), bool(finite)
+        (5.0, True)
+        >>> bool(norm_and_finite(jnp.array([1.0, jnp.nan]))[1])
+        False
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(x)))
+    return norm, jnp.isfinite(norm)
+
+
 def strong_types(tree):
     """Drops weak types (Python-scalar defaults in evosax states), so that the state
     that `init` returns and the one a jitted step returns share one signature and the

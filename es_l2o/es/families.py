@@ -345,8 +345,8 @@ class MultiFamilyES:
         finished = [
             e.finish(family_state(state, i)) for i, e in enumerate(self.estimators)
         ]
-        metrics["theta_norm"] = jnp.linalg.norm(es_state.mean)
-        metrics["theta_finite"] = jnp.all(jnp.isfinite(es_state.mean))
+        norm, finite = common.norm_and_finite(es_state.mean)
+        metrics["theta_norm"], metrics["theta_finite"] = norm, finite
         state = MultiFamilyState(
             es_state=finished[0].es_state,
             families=tuple(_own(s) for s in finished),

@@ -261,11 +261,11 @@ class FullES:
         else:
             update = self._population_update(key_ask, key_tell, keys, state.es_state)
         es_state, fitness, failed = update
-        mean = es_state.mean
+        theta_norm, theta_finite = common.norm_and_finite(es_state.mean)
         metrics = {
             **_fitness_metrics(fitness, failed),
-            "theta_norm": jnp.linalg.norm(mean),
-            "theta_finite": jnp.all(jnp.isfinite(mean)),
+            "theta_norm": theta_norm,
+            "theta_finite": theta_finite,
         }
         state = ESState(es_state=es_state, iteration=state.iteration + 1)
         return common.strong_types(state), metrics

@@ -328,8 +328,8 @@ class TruncatedEstimator:
     def _step(self, key, state: TruncatedESState):
         grad, state, metrics = self.estimate(key, state)
         es_state = self.apply_gradient(state.es_state, grad)
-        metrics["theta_norm"] = jnp.linalg.norm(es_state.mean)
-        metrics["theta_finite"] = jnp.all(jnp.isfinite(es_state.mean))
+        norm, finite = common.norm_and_finite(es_state.mean)
+        metrics["theta_norm"], metrics["theta_finite"] = norm, finite
         return self.finish(state.replace(es_state=es_state)), metrics
 
     # -- the pieces of a step, for estimators that combine several (MultiFamilyES) --

@@ -145,6 +145,7 @@ def std_schedule_of(std) -> tuple[Callable, float]:
 def truncation_metrics(out: dict, grad: jax.Array, std) -> dict:
     """The metrics of one truncation's `Truncation.run` output and its gradient."""
     fitness = out["old"] + out["new"]
+    grad_norm, grad_finite = common.norm_and_finite(grad)
     return {
         "meta_loss": jnp.mean(fitness),
         "meta_loss_min": jnp.min(fitness),
@@ -154,8 +155,8 @@ def truncation_metrics(out: dict, grad: jax.Array, std) -> dict:
         "resets": jnp.sum(out["reset"]),
         "nonfinite_steps": jnp.sum(out["nonfinite"]),
         "nonfinite_particles": jnp.sum(out["nonfinite"] > 0),
-        "grad_norm": jnp.linalg.norm(grad),
-        "grad_finite": jnp.all(jnp.isfinite(grad)),
+        "grad_norm": grad_norm,
+        "grad_finite": grad_finite,
         "std": std,
     }
 
