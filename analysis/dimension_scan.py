@@ -34,21 +34,27 @@ from es_l2o import export
 from populations.quadratic import IllConditionedQuadraticFamily
 
 
-def run_task(opt, task, key: jax.Array, steps: int) -> tuple[float, float]:
-    """(initial loss, final loss) of `steps` steps of `opt` on `task`."""
-    key_init, key_steps = jax.random.split(key)
-    params = task.init(key_init)
+def make_step(opt, family):
+    """One jitted step of `opt` on a task of `family` given by its sampled config
+    (compiled once per dimension, not once per task)."""
 
     @jax.jit
-    def step(params, state, key):
-        loss, grads = jax.value_and_grad(task.loss)(params, key)
+    def step(params, state, key, cfg):
+        loss, grads = jax.value_and_grad(family.task(cfg).loss)(params, key)
         updates, state = opt.update(grads, state, params, value=loss)
-        return optax.apply_updates(params, updates), state, loss
+        return optax.apply_updates(params, updates), state
 
+    return step
+
+
+def run_task(opt, step, task, cfg, key: jax.Array, steps: int) -> tuple[float, float]:
+    """(initial loss, final loss) of `steps` calls of `step` on `task`."""
+    key_init, key_steps = jax.random.split(key)
+    params = task.init(key_init)
     state = opt.init(params)
     initial = float(task.loss(params, key_steps))
     for key in jax.random.split(key_steps, steps):
-        params, state, _ = step(params, state, key)
+        params, state = step(params, state, key, cfg)
     return initial, float(task.loss(params, key_steps))
 
 
@@ -60,9 +66,11 @@ def scan(path, dims=(10, 50, 200, 400, 1000, 3000), tasks=3, steps=100) -> list:
         family = IllConditionedQuadraticFamily(
             dim=dim, rotate=False, log10_condition_range=(1.0, 3.0)
         )
+        step = make_step(opt, family)
         for seed in range(tasks):
-            task = family.task(family.sample(jax.random.key(seed)))
-            initial, final = run_task(opt, task, jax.random.key(100 + seed), steps)
+            cfg = family.sample(jax.random.key(seed))
+            key = jax.random.key(100 + seed)
+            initial, final = run_task(opt, step, family.task(cfg), cfg, key, steps)
             rows.append(
                 {
                     "dim": dim,
@@ -97,6 +105,8 @@ def main(argv=None) -> None:
     try:
         dims = tuple(int(d) for d in args.dims.split(","))
     except ValueError:
+        dims = ()
+    if not dims or min(dims) < 2:
         parser.error(f"--dims {args.dims!r}: a comma-separated list of integers >= 2")
     rows = scan(args.file, dims, args.tasks, args.steps)
     text = table(rows)

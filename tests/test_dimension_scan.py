@@ -22,15 +22,14 @@ def test_scan_reports_each_task_and_writes_its_tables(tmp_path, capsys):
         ("30", "0"),
         ("30", "1"),
     ]
-    # a larger vector of the same family starts at a larger loss
-    assert float(rows[2]["initial_loss"]) != float(rows[0]["initial_loss"])
     assert all(r["descended"] == "True" for r in rows)  # 5 steps of a sane optimizer
     assert "| 30 | 1 |" in (out / "dimension_scan.md").read_text()
     assert "| dim |" in capsys.readouterr().out
 
 
-def test_bad_dims_are_refused_with_one_line(capsys):
+@pytest.mark.parametrize("dims", ["10,big", "10,1", ""])
+def test_bad_dims_are_refused_with_one_line(capsys, dims):
     with pytest.raises(SystemExit) as stop:
-        dimension_scan.main(["x.safetensors", "--dims", "10,big"])
+        dimension_scan.main(["x.safetensors", "--dims", dims])
     assert stop.value.code == 2
-    assert "--dims '10,big'" in capsys.readouterr().err
+    assert f"--dims {dims!r}" in capsys.readouterr().err
