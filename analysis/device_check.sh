@@ -7,7 +7,18 @@
 #      saturation (or until a population does not fit);
 #   2. bench_step/: one hierarchical_velo update against Adam at 100M parameters;
 #   3. velo_es/: the VeLO-size PES iteration, full rank against low rank and the
-#      one-theta floor, P = 16, 64, 256 (analysis/bench_velo_es.py).
+#      one-theta floor, 10-d quadratic, P = 16 and 64 (analysis/bench_velo_es.py;
+#      on an H200, P = 16 took 192 s, nearly all of it compiling the three variants
+#      even with XLA's GPU autotuning off, so P = 256 and digits don't fit).
+#
+# On an H200 the first two parts took about 160 s and the third, run alone with these
+# settings, 216 s; the results are in analysis/results/device_check/h200/. There the project's dependencies that the
+# machine lacks (evosax, dotmap, hydra-core, omegaconf, antlr4-python3-runtime,
+# tensorboardX) were carried as wheels in .whl/ and the command was
+#   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   PYTHONPATH=/tmp/site bash analysis/device_check.sh /tmp/dc;
+#   tar czf $OUT/device_check.tgz -C /tmp dc
+# (one archive: the parts write more files than some machines hand back).
 #
 # Usage: analysis/device_check.sh [OUT_DIR]   (default: $OUT, else
 #        analysis/results/device_check). Each part has its own time limit, and the
@@ -25,10 +36,10 @@ if [ "${DEVICE_CHECK_QUICK:-0}" = 1 ]; then
   step=(--sizes 10k --lopts hierarchical --repeats 2 --budget 1 --no-compile)
   velo=(--lopt hierarchical --populations 4 --families quadratic --rounds 2)
 else
-  limits=(200 80 170)
+  limits=(150 60 260)
   scaling=(--devices 1 -- "scaling.population_sizes=[64,256,1024,4096,16384,65536]")
   step=(--sizes 100M --lopts hierarchical_velo --repeats 10 --budget 10 --no-compile)
-  velo=(--populations 16,64,256 --families quadratic,digits --rounds 5 --budget-s 10)
+  velo=(--populations 16,64 --families quadratic --rounds 3 --budget-s 5)
 fi
 
 {
@@ -54,6 +65,7 @@ run "${limits[0]}" population_scaling \
   python analysis/population_scaling.py --out "$out/population_scaling" "${scaling[@]}"
 run "${limits[1]}" bench_step \
   python analysis/bench_step.py --out "$out/bench_step" "${step[@]}"
-run "${limits[2]}" velo_es \
+# XLA's GPU autotuning only lengthens these compiles (a CPU ignores the flag)
+run "${limits[2]}" velo_es env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" \
   python analysis/bench_velo_es.py --out "$out/velo_es" "${velo[@]}"
 exit "$status"

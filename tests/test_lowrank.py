@@ -8,7 +8,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from es_l2o.es import PES, FullES, NoiseReuseES
+from es_l2o.es import PES, FullES, MultiFamilyES, NoiseReuseES
+from es_l2o.es.families import family_state
 from es_l2o.es.lowrank import LowRankLayout, check_rank
 from es_l2o.lopt import DeepMomentumLOpt, HierarchicalLOpt, LSTMLOpt, MLPLOpt
 from es_l2o.lowrank import LowRankPerturbed, materialize
@@ -122,7 +123,17 @@ def _per_particle_thetas(es, theta) -> list:
     return [s for s in _shapes(jaxpr) if P in s and int(np.prod(s)) >= floor]
 
 
-@pytest.mark.parametrize("kind", ["full_es", "pes"])
+def _mixture(rank, weights=(1.0, 1.0)):
+    """PES over 3-d and 5-d quadratics, 2 P particles split by `weights`."""
+    systems = [
+        LOptTraining(QuadraticFamily(dim=d), HIER, (4, 8), stagger=True) for d in (3, 5)
+    ]
+    return MultiFamilyES.build(
+        PES, systems, weights, population_size=2 * P, truncation_length=2, rank=rank
+    )
+
+
+@pytest.mark.parametrize("kind", ["full_es", "pes", "mixture"])
 def test_low_rank_step_never_builds_per_particle_thetas(kind):
     system = LOptTraining(QuadraticFamily(dim=3), HIER, (4, 8), stagger=kind == "pes")
     theta = HIER.init(jax.random.key(0))
@@ -130,10 +141,28 @@ def test_low_rank_step_never_builds_per_particle_thetas(kind):
     def make(rank):
         if kind == "full_es":
             return FullES(system, population_size=P, num_steps=4, rank=rank)
+        if kind == "mixture":
+            return _mixture(rank)
         return PES(system, population_size=P, truncation_length=2, rank=rank)
 
     assert _per_particle_thetas(make(None), theta)  # the check sees full rank's
     assert _per_particle_thetas(make(2), theta) == []
+
+
+def test_low_rank_mixture_sums_its_families_estimates():
+    es = _mixture(rank=2, weights=(1.0, 3.0))
+    assert es.population_sizes == (P // 2, 3 * P // 2)
+    state = es.init(jax.random.key(0), HIER.init(jax.random.key(1)))
+    key = jax.random.key(2)
+    grad = ravel_pytree(es.gradient(key, state)[0])[0]
+    parts = [
+        ravel_pytree(e.gradient(es.family_key(key, i), family_state(state, i))[0])[0]
+        for i, e in enumerate(es.estimators)
+    ]
+    assert float(jnp.linalg.norm(parts[0] - parts[1])) > 0  # two different estimates
+    np.testing.assert_allclose(
+        grad, 0.25 * parts[0] + 0.75 * parts[1], rtol=1e-5, atol=1e-7
+    )
 
 
 def test_learned_optimizers_read_low_rank_theta_as_its_matrix():

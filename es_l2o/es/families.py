@@ -244,6 +244,11 @@ class MultiFamilyES:
     def systems(self) -> tuple:
         return tuple(e.system for e in self.estimators)
 
+    @property
+    def theta_template(self):
+        """The abstract theta every family shares (shapes and dtypes only)."""
+        return self.estimators[0].theta_template
+
     def family_key(self, key: jax.Array, index: int) -> jax.Array:
         """The key family `index` uses where the population uses `key`."""
         return key if len(self.estimators) == 1 else jax.random.fold_in(key, index)
