@@ -12,8 +12,8 @@
 #      even with XLA's GPU autotuning off, so P = 256 and digits don't fit).
 #
 # On an H200 the first two parts took about 160 s and the third, run alone with these
-# settings, 216 s; the results are in analysis/results/device_check/h200/. There the project's dependencies that the
-# machine lacks (evosax, dotmap, hydra-core, omegaconf, antlr4-python3-runtime,
+# settings, 216 s; the results are in analysis/results/device_check/h200/. There
+# the project's dependencies that the machine lacks (evosax, dotmap, hydra-core, omegaconf, antlr4-python3-runtime,
 # tensorboardX) were carried as wheels in .whl/ and the command was
 #   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site bash analysis/device_check.sh /tmp/dc;

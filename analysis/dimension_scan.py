@@ -23,39 +23,39 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 
 import jax
 import optax
 
+from analysis.bench_step import write_csv
 from es_l2o import export
 from populations.quadratic import IllConditionedQuadraticFamily
 
 
-def make_step(opt, family):
-    """One jitted step of `opt` on a task of `family` given by its sampled config
-    (compiled once per dimension, not once per task)."""
+def make_run(opt, family, steps: int):
+    """`run(key, cfg) -> (initial loss, final loss)`: `steps` steps of `opt` on the
+    task of `family` given by its sampled config, as one jitted scan (compiled once
+    per dimension, not once per task)."""
 
     @jax.jit
-    def step(params, state, key, cfg):
-        loss, grads = jax.value_and_grad(family.task(cfg).loss)(params, key)
-        updates, state = opt.update(grads, state, params, value=loss)
-        return optax.apply_updates(params, updates), state
+    def run(key, cfg):
+        task = family.task(cfg)
+        key_init, key_steps = jax.random.split(key)
+        params = task.init(key_init)
 
-    return step
+        def step(carry, key):
+            params, state = carry
+            loss, grads = jax.value_and_grad(task.loss)(params, key)
+            updates, state = opt.update(grads, state, params, value=loss)
+            return (optax.apply_updates(params, updates), state), None
 
+        keys = jax.random.split(key_steps, steps)
+        (final, _), _ = jax.lax.scan(step, (params, opt.init(params)), keys)
+        return task.loss(params, key_steps), task.loss(final, key_steps)
 
-def run_task(opt, step, task, cfg, key: jax.Array, steps: int) -> tuple[float, float]:
-    """(initial loss, final loss) of `steps` calls of `step` on `task`."""
-    key_init, key_steps = jax.random.split(key)
-    params = task.init(key_init)
-    state = opt.init(params)
-    initial = float(task.loss(params, key_steps))
-    for key in jax.random.split(key_steps, steps):
-        params, state = step(params, state, key, cfg)
-    return initial, float(task.loss(params, key_steps))
+    return run
 
 
 def scan(path, dims=(10, 50, 200, 400, 1000, 3000), tasks=3, steps=100) -> list:
@@ -66,11 +66,10 @@ def scan(path, dims=(10, 50, 200, 400, 1000, 3000), tasks=3, steps=100) -> list:
         family = IllConditionedQuadraticFamily(
             dim=dim, rotate=False, log10_condition_range=(1.0, 3.0)
         )
-        step = make_step(opt, family)
+        run = make_run(opt, family, steps)
         for seed in range(tasks):
             cfg = family.sample(jax.random.key(seed))
-            key = jax.random.key(100 + seed)
-            initial, final = run_task(opt, step, family.task(cfg), cfg, key, steps)
+            initial, final = map(float, run(jax.random.key(100 + seed), cfg))
             rows.append(
                 {
                     "dim": dim,
@@ -114,11 +113,11 @@ def main(argv=None) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / "dimension_scan.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        command = f"python -m analysis.dimension_scan {args.file} --steps {args.steps}"
+        write_csv(out / "dimension_scan.csv", rows)
+        command = (
+            f"python -m analysis.dimension_scan {args.file} --dims {args.dims} "
+            f"--tasks {args.tasks} --steps {args.steps}"
+        )
         head = f"`{command}`\n\n"
         (out / "dimension_scan.md").write_text(head + text)
 
