@@ -27,53 +27,31 @@ import math
 from pathlib import Path
 
 import jax
-import optax
 
 from analysis.bench_step import write_csv
 from es_l2o import export
+from es_l2o.evaluate import evaluate_optimizer
 from populations.quadratic import IllConditionedQuadraticFamily
 
 
-def make_run(opt, family, steps: int):
-    """`run(key, cfg) -> (initial loss, final loss)`: `steps` steps of `opt` on the
-    task of `family` given by its sampled config, as one jitted scan (compiled once
-    per dimension, not once per task)."""
-
-    @jax.jit
-    def run(key, cfg):
-        task = family.task(cfg)
-        key_init, key_steps = jax.random.split(key)
-        params = task.init(key_init)
-
-        def step(carry, key):
-            params, state = carry
-            loss, grads = jax.value_and_grad(task.loss)(params, key)
-            updates, state = opt.update(grads, state, params, value=loss)
-            return (optax.apply_updates(params, updates), state), None
-
-        keys = jax.random.split(key_steps, steps)
-        (final, _), _ = jax.lax.scan(step, (params, opt.init(params)), keys)
-        return task.loss(params, key_steps), task.loss(final, key_steps)
-
-    return run
-
-
 def scan(path, dims=(10, 50, 200, 400, 1000, 3000), tasks=3, steps=100) -> list:
-    """One row per (dimension, task): initial and final loss, finite, descended."""
+    """One row per (dimension, task): initial and final loss, finite, descended.
+    Each dimension's tasks train together (`es_l2o.evaluate.evaluate_optimizer`)."""
     opt = export.load(path, num_steps=steps)
+    keys = jax.random.split(jax.random.key(0), tasks)
     rows = []
     for dim in dims:
         family = IllConditionedQuadraticFamily(
             dim=dim, rotate=False, log10_condition_range=(1.0, 3.0)
         )
-        run = make_run(opt, family, steps)
-        for seed in range(tasks):
-            cfg = family.sample(jax.random.key(seed))
-            initial, final = map(float, run(jax.random.key(100 + seed), cfg))
+        out = evaluate_optimizer(family, opt, steps, keys)
+        for task in range(tasks):
+            initial = float(out["loss_curve"][task, 0])
+            final = float(out["train_loss"][task])
             rows.append(
                 {
                     "dim": dim,
-                    "task": seed,
+                    "task": task,
                     "initial_loss": initial,
                     "final_loss": final,
                     "finite": math.isfinite(final),
