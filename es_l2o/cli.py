@@ -130,6 +130,7 @@ def _mixture_estimator(cfg, make_estimator, systems, mixture):
         mixture.weights,
         population_size=_positive_int(cfg, "es.population_size"),
         names=[f.name for f in mixture.families],
+        gradient_balance=getattr(mixture, "gradient_balance", "none"),
         **kwargs,
     )
     sizes = dict(zip(estimator.names, estimator.population_sizes, strict=True))

@@ -12,7 +12,8 @@ population=mix` composes it:
     mixture = instantiate(cfg.population)
     systems = [LOptTraining(f, lopt, **cfg.system) for f in mixture.families]
     estimator = MultiFamilyES.build(make_estimator, systems, mixture.weights,
-                                    population_size=cfg.es.population_size)
+                                    population_size=cfg.es.population_size,
+                                    gradient_balance=mixture.gradient_balance)
 
 `choose` / `schedule` remain for drawing one family per iteration (a baseline).
 """
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from es_l2o.es.families import GRADIENT_BALANCES
 from es_l2o.tasks import TaskFamily
 
 
@@ -36,6 +38,9 @@ class FamilyMixture:
         families: the task families (each a different structure is fine).
         weights: non-negative, not all zero; normalised to probabilities. Default:
             uniform.
+        gradient_balance: what the weights multiply in the meta-gradient
+            (`MultiFamilyES`): "none", each family's estimate as it is, or
+            "unit_norm", each family's estimate scaled to unit norm first.
 
     Example:
         >>> from populations.quadratic import QuadraticFamily
@@ -50,6 +55,7 @@ class FamilyMixture:
         self,
         families: Sequence[TaskFamily],
         weights: Sequence[float] | None = None,
+        gradient_balance: str = "none",
     ):
         families = tuple(families)
         if not families:
@@ -75,8 +81,14 @@ class FamilyMixture:
             raise ValueError(
                 f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}"
             )
+        if gradient_balance not in GRADIENT_BALANCES:
+            raise ValueError(
+                f"unknown gradient_balance {gradient_balance!r}; "
+                f"valid: {list(GRADIENT_BALANCES)}"
+            )
         self.families = families
         self.weights = tuple(weights.tolist())
+        self.gradient_balance = gradient_balance
         self.probabilities = weights / weights.sum()
         self.names = tuple(f.name for f in families)
         self._log_probs = jnp.log(jnp.asarray(self.probabilities, jnp.float32))

@@ -104,6 +104,24 @@ def test_meta_gradient_is_the_weighted_sum_of_single_family_estimates(two_famili
     assert {"meta_loss/quad", "meta_loss/rosen", "nonfinite_steps/rosen"} <= set(
         metrics
     )
+    # unit_norm: each family's estimate scaled to norm 1 before the weights
+    balanced = MultiFamilyES(
+        multi.estimators, WEIGHTS, multi.names, gradient_balance="unit_norm"
+    )
+    grad, _ = balanced.gradient(step_key, state)
+    norms = [optax.tree.norm(g) for g in grads]
+    assert max(norms) > 3 * min(norms), norms  # the loss scales differ
+    expected = jax.tree.map(
+        lambda a, b: w[0] * a / norms[0] + w[1] * b / norms[1], *grads
+    )
+    _close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_balance_must_be_one_of_the_known_rules():
+    with pytest.raises(ValueError, match="gradient_balance 'unit'.*unit_norm"):
+        MultiFamilyES.build(
+            _pes, _systems(4), WEIGHTS, population_size=8, gradient_balance="unit"
+        )
 
 
 def test_each_family_trains_its_own_tasks(two_families):

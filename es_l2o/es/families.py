@@ -8,7 +8,9 @@ every family's estimate inside the same compiled program (each family's particle
 vmapped over their own tasks, split over the mesh's devices as a single family's
 are), shapes each family's losses within the family (FullES: its fitness shaping,
 centered ranks by default; truncated estimators: their `loss_normalization`), sums
-the families' flat gradient estimates with the weights, and applies ONE
+the families' flat gradient estimates with the weights (each first scaled to unit
+norm with `gradient_balance="unit_norm"`, so that the weights, not the families'
+loss scales, set each family's share), and applies ONE
 meta-optimizer step to the shared theta. Every family sees every step; the program
 compiles once.
 
@@ -29,6 +31,11 @@ from flax import struct
 
 from es_l2o import sharding
 from es_l2o.es import common
+
+#: how `MultiFamilyES` scales each family's estimate before the weights
+GRADIENT_BALANCES = ("none", "unit_norm")
+# a family whose estimate is exactly zero (no loss moved) stays zero
+_TINY_NORM = 1e-30
 
 
 @struct.dataclass
@@ -142,6 +149,9 @@ class MultiFamilyES:
         weights: each family's weight in the meta-gradient (> 0; normalised).
         names: the families' names in metrics (default: their systems' family
             names, made unique with "#2", "#3", ...).
+        gradient_balance: what the weights multiply: "none", each family's
+            estimate as it is (a family whose losses move more dominates), or
+            "unit_norm", each family's estimate divided by its norm.
 
     Metrics: every estimator metric of the combined step ("meta_loss" and
     "nonfinite_steps" weighted / summed over families, "grad_norm" of the combined
@@ -172,6 +182,7 @@ class MultiFamilyES:
         estimators: Sequence[Any],
         weights: Sequence[float] | None = None,
         names: Sequence[str] | None = None,
+        gradient_balance: str = "none",
     ):
         estimators = tuple(estimators)
         if not estimators:
@@ -197,6 +208,9 @@ class MultiFamilyES:
             )
         self.estimators = estimators
         self.weights = tuple(_check_weights(weights).tolist())
+        balances = dict.fromkeys(GRADIENT_BALANCES)
+        common.choose(gradient_balance, balances, "gradient_balance")
+        self.gradient_balance = gradient_balance
         if names is None:
             names = [_family_name(e.system, i) for i, e in enumerate(estimators)]
         if len(names) != len(estimators):
@@ -221,6 +235,7 @@ class MultiFamilyES:
         population_size: int,
         mesh=None,
         names: Sequence[str] | None = None,
+        gradient_balance: str = "none",
         **kwargs,
     ) -> MultiFamilyES:
         """One `make_estimator(system=..., population_size=P_i, mesh=mesh,
@@ -238,7 +253,7 @@ class MultiFamilyES:
             make_estimator(system=s, population_size=p, mesh=mesh, **kwargs)
             for s, p in zip(systems, sizes, strict=True)
         ]
-        return cls(estimators, weights, names)
+        return cls(estimators, weights, names, gradient_balance)
 
     @property
     def systems(self) -> tuple:
@@ -325,6 +340,8 @@ class MultiFamilyES:
             name = self.names[i]
             for what in ("meta_loss", "nonfinite_steps", "grad_norm"):
                 metrics[f"{what}/{name}"] = m[what]
+        if self.gradient_balance == "unit_norm":
+            grads = [g / jnp.maximum(jnp.linalg.norm(g), _TINY_NORM) for g in grads]
         grad = sum(w * g for w, g in zip(self.weights, grads, strict=True))
         metrics["meta_loss"] = sum(
             w * metrics[f"meta_loss/{n}"]
