@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from es_l2o.es.families import GRADIENT_BALANCES
+from es_l2o.es.families import gradient_balance_of
 from es_l2o.tasks import TaskFamily
 
 
@@ -81,11 +81,7 @@ class FamilyMixture:
             raise ValueError(
                 f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}"
             )
-        if gradient_balance not in GRADIENT_BALANCES:
-            raise ValueError(
-                f"unknown gradient_balance {gradient_balance!r}; "
-                f"valid: {list(GRADIENT_BALANCES)}"
-            )
+        gradient_balance_of(gradient_balance)
         self.families = families
         self.weights = tuple(weights.tolist())
         self.gradient_balance = gradient_balance

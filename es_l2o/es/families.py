@@ -32,10 +32,22 @@ from flax import struct
 from es_l2o import sharding
 from es_l2o.es import common
 
-#: how `MultiFamilyES` scales each family's estimate before the weights
-GRADIENT_BALANCES = ("none", "unit_norm")
-# a family whose estimate is exactly zero (no loss moved) stays zero
-_TINY_NORM = 1e-30
+#: how `MultiFamilyES` scales a family's estimate (given its norm) before the
+#: weights; a family whose estimate is exactly zero (no loss moved) stays zero
+GRADIENT_BALANCES = {
+    "none": lambda grad, _norm: grad,
+    "unit_norm": lambda grad, norm: grad / jnp.maximum(norm, 1e-30),
+}
+
+
+def gradient_balance_of(name: str):
+    """The rule `name` of `GRADIENT_BALANCES`, or a ValueError naming the valid ones.
+
+    Example:
+        >>> gradient_balance_of("unit_norm")(jnp.array([3.0, 4.0]), 5.0).tolist()
+        [0.6000000238418579, 0.800000011920929]
+    """
+    return common.choose(name, GRADIENT_BALANCES, "gradient_balance")
 
 
 @struct.dataclass
@@ -208,8 +220,7 @@ class MultiFamilyES:
             )
         self.estimators = estimators
         self.weights = tuple(_check_weights(weights).tolist())
-        balances = dict.fromkeys(GRADIENT_BALANCES)
-        common.choose(gradient_balance, balances, "gradient_balance")
+        self._balance = gradient_balance_of(gradient_balance)
         self.gradient_balance = gradient_balance
         if names is None:
             names = [_family_name(e.system, i) for i, e in enumerate(estimators)]
@@ -335,13 +346,11 @@ class MultiFamilyES:
         grads, families, metrics = [], [], {}
         for i, e in enumerate(self.estimators):
             grad, s, m = e.estimate(self.family_key(key, i), family_state(state, i))
-            grads.append(grad)
+            grads.append(self._balance(grad, m["grad_norm"]))
             families.append(_own(s))
             name = self.names[i]
             for what in ("meta_loss", "nonfinite_steps", "grad_norm"):
                 metrics[f"{what}/{name}"] = m[what]
-        if self.gradient_balance == "unit_norm":
-            grads = [g / jnp.maximum(jnp.linalg.norm(g), _TINY_NORM) for g in grads]
         grad = sum(w * g for w, g in zip(self.weights, grads, strict=True))
         metrics["meta_loss"] = sum(
             w * metrics[f"meta_loss/{n}"]
