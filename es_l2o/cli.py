@@ -263,11 +263,17 @@ def _initial_theta(cfg, lopt, key):
     except (OSError, export.OptimizerFileError) as err:
         raise UsageError(f"init_theta={path}: {err}") from None
     if saved.name != lopt.name or not _same_shapes(saved, lopt):
-        raise UsageError(
-            f"init_theta={path} holds a {saved.name!r} optimizer with config "
-            f"{saved.config()}, whose theta does not fit this run's {lopt.name!r} "
-            f"with {lopt.config()}: give lopt settings of the same sizes"
-        )
+        try:
+            theta = lopt.embed_theta(saved, theta)
+        except ValueError:
+            raise UsageError(
+                f"init_theta={path} holds a {saved.name!r} optimizer with config "
+                f"{saved.config()}, whose theta does not fit this run's "
+                f"{lopt.name!r} with {lopt.config()}: give lopt settings of the "
+                "same sizes"
+            ) from None
+        print(f"init_theta={path}: embedded in {lopt!r}", flush=True)
+        return theta
     wanted = lopt.config()
     changed = {
         k: (v, wanted.get(k)) for k, v in saved.config().items() if wanted.get(k) != v

@@ -165,3 +165,57 @@ def test_generalist_population_sets_the_suite_splits():
     # ... families it never saw are not
     for name in ("digits_autoencoder", "char_transformer", "ackley_10d"):
         assert entries[name].split == "ood", name
+
+
+def _steps(lopt, theta, grad_of, num=6):
+    """`num` updates of a fixed (4, 4) tensor under `grad_of(step_index)`: the
+    steps and the last state."""
+    opt = lopt.transform(theta, num_steps=100)
+    params = {"w": jax.random.normal(jax.random.key(1), (4, 4))}
+    state, steps = opt.init(params), []
+    for t in range(num):
+        step, state = opt.update(grad_of(t), state, params, value=jnp.array(1.0))
+        steps.append(step["w"])
+    return steps, state
+
+
+def _with_control(theta, w0: float, b: float = 0.0):
+    control = {"w": jnp.zeros(3).at[0].set(w0), "b": jnp.asarray(b)}
+    return dict(theta, step_control=control)
+
+
+def test_embedded_theta_steps_exactly_as_its_source():
+    source = HierarchicalLOpt(**SMALL, step_scale="initial", normalize_update=True)
+    adapting = HierarchicalLOpt(**source.config() | {"step_adaptation": True})
+    theta = source.init(jax.random.key(0))
+    embedded = adapting.embed_theta(source, theta)
+    template = jax.eval_shape(adapting.init, jax.random.key(0))
+    assert jax.tree.structure(embedded) == jax.tree.structure(template)
+    grad_of = lambda t: {"w": jnp.sin(t + jnp.arange(16.0)).reshape(4, 4)}
+    want, _ = _steps(source, theta, grad_of)
+    got, state = _steps(adapting, embedded, grad_of)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(state.log_step))) == 0.0
+    with pytest.raises(ValueError, match="cannot take the theta"):
+        adapting.embed_theta(HierarchicalLOpt(**SMALL), theta)  # other settings
+
+
+def test_step_adaptation_grows_agreeing_steps_and_shrinks_oscillating_ones():
+    """A constant gradient agrees with its momentum (cosine 1): a positive gain
+    on that cosine raises the log step by LOG_STEP_RATE per step and the step with
+    it; a gradient whose sign flips every step shrinks it."""
+    from es_l2o.lopt.hierarchical import LOG_STEP_RATE
+
+    lopt = HierarchicalLOpt(**SMALL, normalize_update=True, step_adaptation=True)
+    theta = lopt.init(jax.random.key(0))
+    constant = lambda _: {"w": jnp.ones((4, 4))}
+    flipping = lambda t: {"w": (-1.0) ** t * jnp.ones((4, 4))}
+    plain, _ = _steps(lopt, theta, constant)
+    grown, state = _steps(lopt, _with_control(theta, 20.0), constant)
+    # the first step has no momentum yet (cosine 0); every later one moves by the rate
+    assert float(state.log_step[0]) == pytest.approx(5 * LOG_STEP_RATE, rel=1e-3)
+    ratio = jnp.linalg.norm(grown[-1]) / jnp.linalg.norm(plain[-1])
+    assert float(ratio) == pytest.approx(np.exp(5 * LOG_STEP_RATE), rel=1e-3)
+    _, state = _steps(lopt, _with_control(theta, 20.0), flipping)
+    assert float(state.log_step[0]) < -3 * LOG_STEP_RATE

@@ -141,6 +141,19 @@ class LearnedOptimizer(abc.ABC):
     def config(self) -> dict[str, Any]:
         """Constructor arguments as plain JSON values."""
 
+    def embed_theta(self, source: LearnedOptimizer, theta: Theta) -> Theta:
+        """`theta` of the optimizer `source` as a theta of this one that steps
+        exactly as `source` does, where this architecture only adds to `source`'s
+        (a next meta-training stage that switches on a new input or output).
+
+        Raises:
+            ValueError: this optimizer does not extend `source`.
+        """
+        del theta
+        raise ValueError(
+            f"{self!r} cannot take the theta of {source!r}: give the same settings"
+        )
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"

@@ -61,6 +61,8 @@ class HierarchicalState(NamedTuple):
     lstm_h, lstm_c: the per-tensor LSTM state, shape (num_tensors, lstm_size).
     initial_rms: each tensor's parameter RMS at the first update, shape
     (num_tensors,): the step's scale with `step_scale="initial"`.
+    log_step: each tensor's learned log step multiplier, shape (num_tensors,):
+    stays 0 unless `step_adaptation` is on.
     """
 
     count: jax.Array
@@ -72,10 +74,15 @@ class HierarchicalState(NamedTuple):
     lstm_h: jax.Array
     lstm_c: jax.Array
     initial_rms: jax.Array
+    log_step: jax.Array
 
 
 STEP_SCALES = ("param", "initial")
 SCHEDULES = ("constant", "cosine")
+#: `step_adaptation`: the per-tensor log step moves at most this much per step ...
+LOG_STEP_RATE = 0.1
+#: ... and stays within +- this bound (a factor of e**3, about 20, either way)
+LOG_STEP_BOUND = 3.0
 
 
 def schedule_factor(schedule: str, count, num_steps) -> jax.Array:
@@ -156,6 +163,21 @@ def _mean_square(x: jax.Array, extent: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.prod(extent), 1.0)
 
 
+def alignment(sums) -> jax.Array:
+    """Cosines between each tensor's (clipped) gradient and each momentum before
+    the step, `(num_momenta, num_tensors)`; 0 where a momentum is still zero.
+
+    Example:
+        >>> sums = {"gm": jnp.array([[2.0, 0.0]]), "gc2": jnp.array([1.0]),
+        ...         "mp2": jnp.array([[4.0, 0.0]])}
+        >>> alignment(sums).tolist()
+        [[1.0], [0.0]]
+    """
+    norms = jnp.sqrt(sums["gc2"][:, None] * sums["mp2"])
+    cosine = sums["gm"] / jnp.maximum(norms, 1e-30)
+    return jnp.clip(jnp.where(norms > 0, cosine, 0.0), -1.0, 1.0).T
+
+
 def _saturate(total: jax.Array) -> jax.Array:
     """A sum over a tensor's raw gradient made safe: NaN -> 0, +-inf -> +-1e30."""
     return jnp.nan_to_num(total, nan=0.0, posinf=1e30, neginf=-1e30)
@@ -190,6 +212,16 @@ class HierarchicalLOpt(LearnedOptimizer):
             useful size while `param_scale_floor` keeps the features' normaliser.
         weight_decay: decoupled decay: each step also subtracts
             `weight_decay * lr_mult * step_mult * schedule * p`, as AdamW's does.
+        step_adaptation: learned per-tensor step-size adaptation. The LSTM also
+            reads, per tensor, the cosine between the gradient and each momentum
+            before this step (positive: consecutive steps agree, the step may grow;
+            negative: they oscillate, it should shrink; the signal of hypergradient
+            descent) and the tensor's current log step `s`. Each step `s` moves by
+            `LOG_STEP_RATE * tanh(u)`, within `+-LOG_STEP_BOUND`, and multiplies
+            `lr_mult` by `exp(s)`; `u` is a head output of the LSTM plus a linear
+            function of those cosines (`theta["step_control"]`). Everything it adds
+            to theta starts at zero, so the untrained optimizer, or an embedded one
+            (`embed_theta`), steps exactly as it would without it.
 
     The initial `theta` behaves like momentum normalised by the root second moment
     (an Adam-like direction) with noise, so that meta-training starts from an
@@ -227,6 +259,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         schedule: str = "constant",
         step_floor: float | None = None,
         weight_decay: float = 0.0,
+        step_adaptation: bool = False,
     ):
         for what, value in (
             ("lstm_size", lstm_size),
@@ -271,6 +304,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         self.step_scale = _one_of("step_scale", step_scale, STEP_SCALES)
         self.schedule = _one_of("schedule", schedule, SCHEDULES)
         self.normalize_update = bool(normalize_update)
+        self.step_adaptation = bool(step_adaptation)
         fmas = F.mlp_multiply_adds(self._mlp_sizes)
         if fmas > F.FUSED_MAX_MULTIPLY_ADDS:
             raise ValueError(
@@ -297,6 +331,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             "schedule": self.schedule,
             "step_floor": self.step_floor,
             "weight_decay": self.weight_decay,
+            "step_adaptation": self.step_adaptation,
         }
 
     # -- sizes ---------------------------------------------------------------------
@@ -311,7 +346,17 @@ class HierarchicalLOpt(LearnedOptimizer):
         """Per-tensor LSTM inputs: progress, loss and tensor statistics."""
         shared = len(F.PROGRESS_CENTERS) + F.LOSS_EMA_COUNT - 1
         stats = 6 + 2 * len(self.momentum_decays)  # g, momenta, sqrt(v), rms(p), size
-        return shared + stats + F.MAX_RANK_FEATURE + 1
+        return shared + stats + F.MAX_RANK_FEATURE + 1 + self._num_adaptation_features
+
+    @property
+    def _num_adaptation_features(self) -> int:
+        """Cosines of the gradient with each momentum, and the log step (last)."""
+        return len(self.momentum_decays) + 1 if self.step_adaptation else 0
+
+    @property
+    def _num_head_outputs(self) -> int:
+        """Bank coefficients, lr_mult, and the log step's drive if adapting."""
+        return self.bank_size + 1 + int(self.step_adaptation)
 
     @property
     def _mlp_sizes(self) -> tuple[int, ...]:
@@ -349,8 +394,16 @@ class HierarchicalLOpt(LearnedOptimizer):
             "lstm": _dense(normals, m + h, 4 * h),
             "lstm_init": {"h": jnp.zeros((h,)), "c": jnp.zeros((h,))},
             # small: the initial coefficients are ~1 (the bank's mean) and lr_mult ~1
-            "head": _dense(normals, h, self.bank_size + 1, scale=0.1),
+            "head": _dense(normals, h, self._num_head_outputs, scale=0.1),
         }
+        if self.step_adaptation:
+            # zero: the log step stays at 0 until meta-training moves it
+            theta["head"]["w"] = theta["head"]["w"].at[:, -1].set(0.0)
+            nm = len(self.momentum_decays)
+            theta["step_control"] = {"w": jnp.zeros((nm,)), "b": jnp.zeros(())}
+            for layer in ("mix", "mix_max"):
+                rows = slice(i - self._num_adaptation_features, i)
+                theta[layer]["w"] = theta[layer]["w"].at[rows].set(0.0)
         bank = {}
         for name, value in self._base_mlp(normals).items():
             spread = self.bank_noise * (jnp.std(value) + 0.1 / np.sqrt(value.size))
@@ -378,12 +431,45 @@ class HierarchicalLOpt(LearnedOptimizer):
             mlp[last] = mlp[last].at[:2, 0].set(jnp.array([-1.0, 1.0]))
         return mlp
 
+    def embed_theta(self, source, theta):
+        """`source`'s theta with `step_adaptation` switched on: the new inputs'
+        mix rows, the head's log-step column and `step_control` are zero, so the
+        optimizer steps exactly as `source`'s did.
+
+        Example:
+            >>> import jax
+            >>> small = HierarchicalLOpt(lstm_size=4, bank_size=2, mix_size=4)
+            >>> large = HierarchicalLOpt(
+            ...     lstm_size=4, bank_size=2, mix_size=4, step_adaptation=True)
+            >>> theta = large.embed_theta(small, small.init(jax.random.key(0)))
+            >>> theta["mix"]["w"].shape[0] == large.num_tensor_features
+            True
+        """
+        wanted = {**self.config(), "step_adaptation": False}
+        if not isinstance(source, HierarchicalLOpt) or source.config() != wanted:
+            return super().embed_theta(source, theta)
+        added = self._num_adaptation_features
+        theta = dict(theta)
+        for layer in ("mix", "mix_max"):
+            w = theta[layer]["w"]
+            zeros = jnp.zeros((added, w.shape[1]), w.dtype)
+            theta[layer] = {**theta[layer], "w": jnp.concatenate([w, zeros])}
+        head = theta["head"]
+        theta["head"] = {
+            "w": jnp.pad(head["w"], ((0, 0), (0, 1))),
+            "b": jnp.pad(head["b"], (0, 1)),
+        }
+        nm = len(self.momentum_decays)
+        theta["step_control"] = {"w": jnp.zeros((nm,)), "b": jnp.zeros(())}
+        return theta
+
     # -- the per-tensor network ------------------------------------------------------
 
-    def tensor_inputs(self, sums, shapes, loss_state, count, num_steps):
+    def tensor_inputs(self, sums, shapes, loss_state, count, num_steps, log_step):
         """Per-tensor LSTM inputs `(num_tensors, num_tensor_features)`.
 
-        `sums` are the per-tensor means of `_statistics`; `shapes` the tensors' shapes.
+        `sums` are the per-tensor means of `_statistics`; `shapes` the tensors' shapes;
+        `log_step` the tensors' log steps (read with `step_adaptation`).
         """
         sizes = np.asarray([max(int(np.prod(s)), 1) for s in shapes], np.float64)
         nm = len(self.momentum_decays)
@@ -433,7 +519,10 @@ class HierarchicalLOpt(LearnedOptimizer):
             ]
         )
         shared = jnp.broadcast_to(shared, (len(shapes), shared.shape[0]))
-        return jnp.concatenate([shared, per_tensor], axis=1)
+        columns = [shared, per_tensor]
+        if self.step_adaptation:
+            columns += [alignment(sums).T, (log_step / LOG_STEP_BOUND)[:, None]]
+        return jnp.concatenate(columns, axis=1)
 
     def tensor_network(self, theta, inputs, lstm_h, lstm_c):
         """Mix layer and LSTM step: returns (mlp_weights, lr_mult, lstm_h, lstm_c).
@@ -456,7 +545,21 @@ class HierarchicalLOpt(LearnedOptimizer):
         coeffs = 1.0 + out[:, : self.bank_size]
         lr_mult = 1.0 + out[:, self.bank_size]
         weights = self._mix_bank(theta["bank"], coeffs) / self.bank_size
-        return weights, lr_mult, lstm_h, lstm_c
+        return weights, lr_mult, lstm_h, lstm_c, out[:, self.bank_size + 1 :]
+
+    def adapted_log_step(self, theta, inputs, drive, log_step):
+        """The log steps after this step (`step_adaptation`), `(num_tensors,)`.
+
+        drive: the LSTM head's extra output `(num_tensors, 1)`; inputs: the
+        `tensor_inputs`, whose adaptation columns hold the alignment cosines.
+        """
+        nm = len(self.momentum_decays)
+        first = self.num_tensor_features - self._num_adaptation_features
+        cosines = inputs[:, first : first + nm]
+        control = theta["step_control"]
+        u = drive[:, 0] + cosines @ control["w"] + control["b"]
+        moved = log_step + LOG_STEP_RATE * jnp.tanh(u)
+        return jnp.clip(moved, -LOG_STEP_BOUND, LOG_STEP_BOUND)
 
     def _mix_bank(self, bank, coeffs):
         """`coeffs @ bank` over the bank as one (bank_size, num_mlp_weights) matrix;
@@ -580,6 +683,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         raw = g.astype(jnp.float32)
         g = F.clip_gradient(raw)
         p = p.astype(jnp.float32)
+        previous = momenta
         # all momenta in one array: one pass, and no copy into the new state
         momenta, v = F.update_moments(
             momenta, v, g, self.momentum_decays, self.second_moment_decay
@@ -597,6 +701,10 @@ class HierarchicalLOpt(LearnedOptimizer):
             "p2": jnp.sum(p * p) * inv,
             "m2": jnp.sum(momenta * momenta, axis=(1, 2, 3)) * inv,
         }
+        if self.step_adaptation:
+            means["gm"] = jnp.sum(previous * g, axis=(1, 2, 3)) * inv
+            means["mp2"] = jnp.sum(previous * previous, axis=(1, 2, 3)) * inv
+            means["gc2"] = jnp.sum(g * g) * inv
         return (g, p, momenta, v, factored, extent), means
 
     def _tensor_step(self, tensor, scales, weights):
@@ -663,6 +771,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             lstm_h=jnp.broadcast_to(theta["lstm_init"]["h"], (t, self.lstm_size)),
             lstm_c=jnp.broadcast_to(theta["lstm_init"]["c"], (t, self.lstm_size)),
             initial_rms=jnp.zeros((t,), jnp.float32),
+            log_step=jnp.zeros((t,), jnp.float32),
         )
 
     def _scales(self, sums, lr_mult, state, num_steps) -> tuple[dict, jax.Array]:
@@ -716,6 +825,26 @@ class HierarchicalLOpt(LearnedOptimizer):
             )
         ]
 
+    def _per_tensor(self, theta, sums, groups, loss_state, state, num_steps):
+        """The per-tensor network, batched over tensors: `(mlp_weights, lr_mult,
+        lstm_h, lstm_c, log_step)`, lr_mult including `exp(log_step)`."""
+        inputs = self.tensor_inputs(
+            sums,
+            groups.tensor_shapes,
+            loss_state,
+            state.count,
+            num_steps,
+            state.log_step,
+        )
+        weights, lr_mult, lstm_h, lstm_c, drive = self.tensor_network(
+            theta, inputs, state.lstm_h, state.lstm_c
+        )
+        log_step = state.log_step
+        if self.step_adaptation:
+            log_step = self.adapted_log_step(theta, inputs, drive, log_step)
+            lr_mult = lr_mult * jnp.exp(log_step)
+        return weights, lr_mult, lstm_h, lstm_c, log_step
+
     def _update(self, theta, num_steps, updates, state, params, value):
         if params is None:
             raise ValueError(
@@ -731,12 +860,8 @@ class HierarchicalLOpt(LearnedOptimizer):
         per_group, sums, tensor_means = self._statistics(
             state, groups, grads, treedef.flatten_up_to(params)
         )
-        # the per-tensor network, batched over tensors
-        inputs = self.tensor_inputs(
-            sums, groups.tensor_shapes, loss_state, state.count, num_steps
-        )
-        weights, lr_mult, lstm_h, lstm_c = self.tensor_network(
-            theta, inputs, state.lstm_h, state.lstm_c
+        weights, lr_mult, lstm_h, lstm_c, log_step = self._per_tensor(
+            theta, sums, groups, loss_state, state, num_steps
         )
         scales, initial_rms = self._scales(sums, lr_mult, state, num_steps)
         steps = self._param_steps(groups, per_group, scales, weights, state, grads)
@@ -752,6 +877,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             lstm_h=lstm_h,
             lstm_c=lstm_c,
             initial_rms=initial_rms,
+            log_step=log_step,
         )
         return jax.tree_util.tree_unflatten(treedef, steps), new_state
 
@@ -785,11 +911,8 @@ class HierarchicalLOpt(LearnedOptimizer):
             state, groups, leaves, treedef.flatten_up_to(params)
         )
         loss_state = F.update_loss_emas(state.loss, value, num_steps)
-        inputs = self.tensor_inputs(
-            sums, groups.tensor_shapes, loss_state, state.count, num_steps
-        )
-        weights, lr_mult, _, _ = self.tensor_network(
-            theta, inputs, state.lstm_h, state.lstm_c
+        weights, lr_mult, *_ = self._per_tensor(
+            theta, sums, groups, loss_state, state, num_steps
         )
         order = groups.leaf_rows
         return weights[order], lr_mult[order]
