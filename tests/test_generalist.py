@@ -139,6 +139,11 @@ def test_init_theta_starts_from_the_file_and_refuses_other_sizes(tmp_path, capsy
     said = capsys.readouterr().out
     assert "step_scale 'initial' -> 'param'" in said
     assert "weight_decay 0.0 -> 0.1" in said
+    adapting = HierarchicalLOpt(**lopt.config() | {"step_adaptation": True})
+    loaded = _initial_theta({"init_theta": str(path)}, adapting, None)
+    assert "embedded in" in capsys.readouterr().out
+    np.testing.assert_array_equal(loaded["bank"]["w0"], theta["bank"]["w0"])
+    assert loaded["mix"]["w"].shape[0] == adapting.num_tensor_features
     bigger = HierarchicalLOpt(**{**SMALL, "lstm_size": SMALL["lstm_size"] + 1})
     with pytest.raises(UsageError, match="same sizes"):
         _initial_theta({"init_theta": str(path)}, bigger, jax.random.key(0))
