@@ -399,8 +399,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         if self.step_adaptation:
             # zero: the log step stays at 0 until meta-training moves it
             theta["head"]["w"] = theta["head"]["w"].at[:, -1].set(0.0)
-            nm = len(self.momentum_decays)
-            theta["step_control"] = {"w": jnp.zeros((nm,)), "b": jnp.zeros(())}
+            theta["step_control"] = self._zero_step_control()
             for layer in ("mix", "mix_max"):
                 rows = slice(i - self._num_adaptation_features, i)
                 theta[layer]["w"] = theta[layer]["w"].at[rows].set(0.0)
@@ -459,9 +458,12 @@ class HierarchicalLOpt(LearnedOptimizer):
             "w": jnp.pad(head["w"], ((0, 0), (0, 1))),
             "b": jnp.pad(head["b"], (0, 1)),
         }
-        nm = len(self.momentum_decays)
-        theta["step_control"] = {"w": jnp.zeros((nm,)), "b": jnp.zeros(())}
+        theta["step_control"] = self._zero_step_control()
         return theta
+
+    def _zero_step_control(self):
+        """The log step's gains on the alignment cosines and its bias, at zero."""
+        return {"w": jnp.zeros((len(self.momentum_decays),)), "b": jnp.zeros(())}
 
     # -- the per-tensor network ------------------------------------------------------
 
@@ -525,9 +527,12 @@ class HierarchicalLOpt(LearnedOptimizer):
         return jnp.concatenate(columns, axis=1)
 
     def tensor_network(self, theta, inputs, lstm_h, lstm_c):
-        """Mix layer and LSTM step: returns (mlp_weights, lr_mult, lstm_h, lstm_c).
+        """Mix layer and LSTM step: returns (mlp_weights, lr_mult, lstm_h, lstm_c,
+        drive).
 
-        mlp_weights: (num_tensors, num_mlp_weights) generated per-parameter MLPs.
+        mlp_weights: (num_tensors, num_mlp_weights) generated per-parameter MLPs;
+        drive: `(num_tensors, 1)` the log step's head output with
+        `step_adaptation`, else `(num_tensors, 0)`.
         """
         mix = dense(inputs, theta["mix"]["w"]) + theta["mix"]["b"]
         exchange = jax.nn.relu(
