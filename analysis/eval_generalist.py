@@ -253,10 +253,12 @@ def report(results: dict, divergence: list[dict]) -> str:
                 f"{s['weight_inflation']} |"
             )
         lines.append("")
+    if not divergence:
+        return "\n".join([*lines, "Divergence check: skipped."]) + "\n"
     ok = sum(d["finite"] and d["descended"] for d in divergence)
     lines.append(
         f"Divergence check: {ok} of {len(divergence)} tasks finite and below their "
-        f"initial loss after {divergence[0]['steps'] if divergence else 0} steps."
+        f"initial loss after {divergence[0]['steps']} steps."
     )
     return "\n".join(lines) + "\n"
 
@@ -270,13 +272,20 @@ def main(argv=None) -> None:
     parser.add_argument("--num-seeds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reference", default=None, help="a second optimizer file")
-    parser.add_argument("--divergence-steps", type=int, default=None)
+    parser.add_argument(
+        "--divergence-steps",
+        type=int,
+        default=None,
+        help="steps of the divergence check (default 5 x --max-horizon; 0: skip it)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="suite entry names")
     parser.add_argument(
         "--baselines", nargs="+", default=["adam"], help="hand-designed optimizers"
     )
     parser.add_argument("--out", default="analysis/results/generalist")
     args = parser.parse_args(argv)
+    if args.divergence_steps is not None and args.divergence_steps < 0:
+        parser.error(f"--divergence-steps {args.divergence_steps}: 0 (skip) or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     families = training_families(args.population)
@@ -296,11 +305,14 @@ def main(argv=None) -> None:
             out,
         )
         (out / f"{suite}.json").write_text(json.dumps(results[suite], indent=1))
-    steps = args.divergence_steps or 5 * args.max_horizon
-    divergence = divergence_check(
-        args.optimizer, args.suites, steps, args.seed, args.only
-    )
-    (out / "divergence.json").write_text(json.dumps(divergence, indent=1))
+    steps = args.divergence_steps
+    steps = 5 * args.max_horizon if steps is None else steps
+    divergence = []
+    if steps:
+        divergence = divergence_check(
+            args.optimizer, args.suites, steps, args.seed, args.only
+        )
+        (out / "divergence.json").write_text(json.dumps(divergence, indent=1))
     plot_ratios(results, out)
     text = report(results, divergence)
     text += f"\n({time.perf_counter() - start:.0f} s in all)\n"

@@ -224,3 +224,13 @@ def test_step_adaptation_grows_agreeing_steps_and_shrinks_oscillating_ones():
     assert float(ratio) == pytest.approx(np.exp(5 * LOG_STEP_RATE), rel=1e-3)
     _, state = _steps(lopt, _with_control(theta, 20.0), flipping)
     assert float(state.log_step[0]) < -3 * LOG_STEP_RATE
+
+
+def test_eval_generalist_skips_the_divergence_check_at_zero_steps():
+    from analysis.eval_generalist import main, report
+
+    empty = {"default": {"rows": [], "generalist_summary": {}}}
+    assert report(empty, []).strip().endswith("Divergence check: skipped.")
+    with pytest.raises(SystemExit) as err:
+        main(["optimizer.safetensors", "--divergence-steps", "-1"])
+    assert err.value.code == 2
