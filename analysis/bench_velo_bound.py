@@ -14,6 +14,9 @@ where the floor is the same P x K unroll with ONE shared theta and no ES
 - `floor`: that unroll (10-d quadratic, `configs/lopt/hierarchical_velo.yaml`);
 - `score_read`: `w @ S` for a (M, D) float32 S, the gradient's one pass;
 - `score_read_bf16`: the same with S in bfloat16 (half the bytes);
+- `score_update`: `S + u v^T` written into S's own buffer (donated), the pass
+  that adds each truncation's perturbation to the stored scores (not in the
+  bound: a design that folds perturbations in less often avoids most of it);
 - `adam`: `optax.adam` on D parameters, state donated as meta-training does;
 - `low`: the low-rank PES iteration itself (`es.rank`, as `bench_velo_es`);
 
@@ -83,6 +86,20 @@ def score_read(num_pairs: int, num_params: int, dtype):
     return jax.jit(read), (weights, scores)
 
 
+class ThreadedScoreUpdate:
+    """`S + u v^T` for a (num_pairs, num_params) float32 S, written in place."""
+
+    def __init__(self, num_pairs: int, num_params: int):
+        self.scores = jnp.zeros((num_pairs, num_params), jnp.float32)
+        self.u = jnp.linspace(-1.0, 1.0, num_pairs)
+        self.v = jnp.full((num_params,), 1e-3, jnp.float32)
+        self.step = jax.jit(lambda s, u, v: s + u[:, None] * v, donate_argnums=0)
+
+    def __call__(self):
+        self.scores = self.step(self.scores, self.u, self.v)
+        return self.scores
+
+
 def bench(population: int, rounds: int, budget_s: float, lopt_name: str) -> dict:
     lopt = velo_lopt(lopt_name)
     theta = lopt.init(jax.random.key(1))
@@ -94,6 +111,7 @@ def bench(population: int, rounds: int, budget_s: float, lopt_name: str) -> dict
     for name, dtype in (("score_read", jnp.float32), ("score_read_bf16", jnp.bfloat16)):
         fn, args = score_read(population // 2, num_params, dtype)
         fns[name] = (compiled(fn, args)[0], args)
+    fns["score_update"] = (ThreadedScoreUpdate(population // 2, num_params), ())
     fns["adam"] = (ThreadedAdam(num_params), ())
     fn, (key, state) = estimator_fn(system, theta, population, 1)
     fns["low"] = (Threaded(compiled(fn, (key, state))[0], state), (key,))
