@@ -226,6 +226,23 @@ def test_step_adaptation_grows_agreeing_steps_and_shrinks_oscillating_ones():
     assert float(state.log_step[0]) < -3 * LOG_STEP_RATE
 
 
+def test_step_shrink_rate_undoes_a_grown_step_faster_than_it_grew():
+    from es_l2o.lopt.hierarchical import LOG_STEP_RATE
+
+    cfg = {**SMALL, "normalize_update": True, "step_adaptation": True}
+    fast = HierarchicalLOpt(**cfg, step_shrink_rate=5 * LOG_STEP_RATE)
+    theta = _with_control(fast.init(jax.random.key(0)), 20.0)
+    flipping = lambda t: {"w": (-1.0) ** t * jnp.ones((4, 4))}
+    _, state = _steps(fast, theta, flipping)
+    assert float(state.log_step[0]) == pytest.approx(-25 * LOG_STEP_RATE, rel=1e-3)
+    _, state = _steps(fast, theta, lambda _: {"w": jnp.ones((4, 4))})
+    assert float(state.log_step[0]) == pytest.approx(5 * LOG_STEP_RATE, rel=1e-3)
+    source = HierarchicalLOpt(**SMALL, normalize_update=True)
+    assert fast.embed_theta(source, source.init(jax.random.key(0)))  # any rate
+    with pytest.raises(ValueError, match="step_shrink_rate must be > 0, got 0"):
+        HierarchicalLOpt(**cfg, step_shrink_rate=0)
+
+
 def test_eval_generalist_skips_the_divergence_check_at_zero_steps():
     from analysis.eval_generalist import main, report
 

@@ -222,6 +222,11 @@ class HierarchicalLOpt(LearnedOptimizer):
             function of those cosines (`theta["step_control"]`). Everything it adds
             to theta starts at zero, so the untrained optimizer, or an embedded one
             (`embed_theta`), steps exactly as it would without it.
+        step_shrink_rate: with `step_adaptation`, the rate at which `s` falls:
+            `step_shrink_rate * tanh(u)` where `u < 0` (default `LOG_STEP_RATE`,
+            the rate at which it rises). Larger, a step that grew too large for
+            the curvature is undone in a few steps instead of tens ("grow slowly,
+            shrink fast", as the bold driver heuristic does).
 
     The initial `theta` behaves like momentum normalised by the root second moment
     (an Adam-like direction) with noise, so that meta-training starts from an
@@ -260,6 +265,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         step_floor: float | None = None,
         weight_decay: float = 0.0,
         step_adaptation: bool = False,
+        step_shrink_rate: float = LOG_STEP_RATE,
     ):
         for what, value in (
             ("lstm_size", lstm_size),
@@ -294,6 +300,9 @@ class HierarchicalLOpt(LearnedOptimizer):
                 f"step_floor must be > 0 and weight_decay >= 0, got {step_floor!r} "
                 f"and {weight_decay!r}"
             )
+        if not step_shrink_rate > 0:
+            raise ValueError(f"step_shrink_rate must be > 0, got {step_shrink_rate!r}")
+        self.step_shrink_rate = float(step_shrink_rate)
         self.step_floor = float(step_floor)
         self.weight_decay = float(weight_decay)
         self.second_moment_decay = float(second_moment_decay)
@@ -332,6 +341,7 @@ class HierarchicalLOpt(LearnedOptimizer):
             "step_floor": self.step_floor,
             "weight_decay": self.weight_decay,
             "step_adaptation": self.step_adaptation,
+            "step_shrink_rate": self.step_shrink_rate,
         }
 
     # -- sizes ---------------------------------------------------------------------
@@ -444,7 +454,11 @@ class HierarchicalLOpt(LearnedOptimizer):
             >>> theta["mix"]["w"].shape[0] == large.num_tensor_features
             True
         """
-        wanted = {**self.config(), "step_adaptation": False}
+        wanted = {
+            **self.config(),
+            "step_adaptation": False,
+            "step_shrink_rate": getattr(source, "step_shrink_rate", None),
+        }
         if not isinstance(source, HierarchicalLOpt) or source.config() != wanted:
             return super().embed_theta(source, theta)
         added = self._num_adaptation_features
@@ -563,7 +577,9 @@ class HierarchicalLOpt(LearnedOptimizer):
         cosines = inputs[:, first : first + nm]
         control = theta["step_control"]
         u = drive[:, 0] + cosines @ control["w"] + control["b"]
-        moved = log_step + LOG_STEP_RATE * jnp.tanh(u)
+        drift = jnp.tanh(u)
+        rate = jnp.where(drift < 0, self.step_shrink_rate, LOG_STEP_RATE)
+        moved = log_step + rate * drift
         return jnp.clip(moved, -LOG_STEP_BOUND, LOG_STEP_BOUND)
 
     def _mix_bank(self, bank, coeffs):
