@@ -1,5 +1,7 @@
 """Low-rank (EGGROLL) perturbations: unbiased estimates, shared bases, settings."""
 
+import re
+
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
@@ -147,6 +149,30 @@ def test_low_rank_step_never_builds_per_particle_thetas(kind):
 
     assert _per_particle_thetas(make(None), theta)  # the check sees full rank's
     assert _per_particle_thetas(make(2), theta) == []
+
+
+def _largest_array_drawing_normals(hlo: str) -> int:
+    """The most entries of any float32 array in an XLA computation that also turns
+    random bits into normals (erf_inv), over the compiled program's computations."""
+    largest = 0
+    for body in re.split(r"\n(?=%\S+ \()", hlo):
+        if "erf_inv" in body:
+            dims = re.findall(r"f32\[([\d,]*)\]", body)
+            sizes = [int(np.prod([int(d) for d in s.split(",") if d])) for s in dims]
+            largest = max(largest, *sizes)
+    return largest
+
+
+def test_low_rank_factors_are_drawn_once_not_again_in_the_score_update():
+    # fused into the pairs' dense score update, the normal draw would run once per
+    # score entry: the computations that draw hold no more than the M x E factors
+    system = LOptTraining(QuadraticFamily(dim=3), HIER, (4, 8), stagger=True)
+    es = PES(system, population_size=P, truncation_length=2, rank=1)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    hlo = es.step.lower(key, es.state_template()).compile().as_text()
+    layout = es.store.layout
+    assert max(leaf.size for leaf in layout.leaves) > layout.num_factors
+    assert 0 < _largest_array_drawing_normals(hlo) <= P // 2 * layout.num_factors
 
 
 def test_low_rank_mixture_sums_its_families_estimates():

@@ -159,8 +159,8 @@ class LowRankLayout:
             return weights @ leaf.split(factors).reshape(weights.shape[0], -1)
         a, b = leaf.split(factors)  # (N, m, r), (N, n, r)
         # one product contracting particles and rank together: full rank, no N x m x n
-        total = jnp.einsum("imr,i,inr->mn", a, weights, b)
-        return total.reshape(-1) / math.sqrt(leaf.rank)
+        weights = weights * (1.0 / math.sqrt(leaf.rank))
+        return jnp.einsum("imr,i,inr->mn", a, weights, b).reshape(-1)
 
     def weighted_sum(self, factors: jax.Array, weights: jax.Array) -> jax.Array:
         """`sum_i weights_i * z_i` (D,) of the unit perturbations z_i whose factors
@@ -169,14 +169,17 @@ class LowRankLayout:
             [self._leaf_sum(leaf, factors, weights) for leaf in self.leaves]
         )
 
-    def leaf_perturbations(self, factors: jax.Array) -> list[jax.Array]:
-        """Each leaf's flat unit perturbation (..., size) of factors (..., E)."""
+    def leaf_perturbations(self, factors: jax.Array, scale=1.0) -> list[jax.Array]:
+        """Each leaf's flat unit perturbation (..., size) of factors (..., E), times
+        `scale` (a scalar, applied to the factors: no pass over the products)."""
         parts = []
         for leaf in self.leaves:
             if not leaf.rows:
-                parts.append(leaf.split(factors).reshape((*factors.shape[:-1], -1)))
+                z = scale * leaf.split(factors)
+                parts.append(z.reshape((*factors.shape[:-1], -1)))
                 continue
-            z = _outer_sum(*leaf.split(factors)) / math.sqrt(leaf.rank)
+            a, b = leaf.split(factors)
+            z = _outer_sum(a * (scale / math.sqrt(leaf.rank)), b)
             parts.append(z.reshape((*factors.shape[:-1], -1)))
         return parts
 
@@ -184,9 +187,15 @@ class LowRankLayout:
         """The flat unit perturbations (..., D) of factors (..., E) (forms them)."""
         return jnp.concatenate(self.leaf_perturbations(factors), axis=-1)
 
-    def score_dot(self, weights: jax.Array, score) -> jax.Array:
-        """`weights @ score` (D,) of per-leaf scores (`LowRankStoredNoise`)."""
-        return jnp.concatenate([weights @ s for s in score])
+    def score_sum(self, score_weights, score, factors, weights) -> jax.Array:
+        """`score_weights @ score + weighted_sum(factors, weights)` (D,) of per-leaf
+        scores (`LowRankStoredNoise`): each leaf's two terms are added before the
+        leaves are joined, so the flat gradient is written once."""
+        parts = [
+            score_weights @ s + self._leaf_sum(leaf, factors, weights)
+            for leaf, s in zip(self.leaves, score, strict=True)
+        ]
+        return jnp.concatenate(parts)
 
 
 class LowRankOpenES(KeyedOpenES):
@@ -308,12 +317,15 @@ class LowRankStoredNoise:
         return LowRankNoiseState(factors, score, jax.random.key_data(key), no)
 
     def _factors(self, key: jax.Array) -> jax.Array:
-        """Unit factors (M, E), one pair at a time: a loop, so that XLA makes them
-        once. Fused into the M x D score update, it would draw every factor again
-        for each entry it multiplies (4x the update's time at VeLO size; an
-        optimization barrier does not stop it on the CPU)."""
+        """Unit factors (M, E), half the pairs at a time: a loop, so that XLA makes
+        them once. Fused into the M x D score update, it would draw every factor
+        again for each entry it multiplies (30x the update's time at VeLO size; an
+        optimization barrier does not stop it on the CPU, and XLA inlines a loop of
+        one iteration). Two iterations, not one per pair: each costs a few small
+        kernels (a loop over 8 pairs took 3x as long)."""
         keys = jax.random.split(key, self.num_pairs)
-        return sharding.constrain(jax.lax.map(self.layout.draw, keys), self.spec)
+        rows = jax.lax.map(self.layout.draw, keys, batch_size=-(-self.num_pairs // 2))
+        return sharding.constrain(rows, self.spec)
 
     def switch(self, noise, std) -> jax.Array:
         """The fresh factors (M, E) new episodes switch to under noise reuse."""
@@ -323,13 +335,17 @@ class LowRankStoredNoise:
 
     def advance(self, noise, key, std, draw, rule):
         fresh = self._factors(key)
-        restart = self.layout.leaf_perturbations(noise.pert)
+        inv_std = 1.0 / std
+        restart = self.layout.leaf_perturbations(noise.pert, inv_std)
         scores = []
         for score, old, new in zip(
-            noise.score, restart, self.layout.leaf_perturbations(fresh), strict=True
+            noise.score,
+            restart,
+            self.layout.leaf_perturbations(fresh, inv_std),
+            strict=True,
         ):
-            score = jnp.where(noise.restarted[:, None], old / std, score)
-            scores.append(rule.accumulate(score, new / std, draw))
+            score = jnp.where(noise.restarted[:, None], old, score)
+            scores.append(rule.accumulate(score, new, draw))
         return LowRankNoiseState(
             pert=jnp.where(draw[:, None], fresh, noise.pert),
             score=sharding.constrain(tuple(scores), self.spec),

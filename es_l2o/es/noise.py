@@ -177,7 +177,7 @@ class StoredNoise:
         fresh = self._normal(key, std)
         return StoredNoiseState(
             pert=jnp.where(draw[:, None], fresh, noise.pert),
-            score=rule.accumulate(noise.score, fresh / std**2, draw),
+            score=rule.accumulate(noise.score, fresh * (1.0 / std**2), draw),
             ask_key=jax.random.key_data(key),
         )
 
@@ -213,7 +213,7 @@ class StoredNoise:
         new = self.switch(noise, std) if rule.reuses else noise.pert
         return noise.replace(
             pert=jnp.where(reset[:, None], new, noise.pert),
-            score=jnp.where(reset[:, None], new / std**2, noise.score),
+            score=jnp.where(reset[:, None], new * (1.0 / std**2), noise.score),
         )
 
     def overflow(self, noise, rule) -> jax.Array:
@@ -303,7 +303,7 @@ class KeyedNoise:
             if rule.reuses:  # the next episode's stream
                 next_stream = jax.random.fold_in(base, episode + 1)
                 switch = jax.random.normal(next_stream, (self.num_dims,))
-        return std * z, total / std, std * switch
+        return std * z, total * (1.0 / std), std * switch
 
     def pair_noise(self, noise, pairs, std, rule) -> Rows:
         def one(j, episode, index, carry_episode, carry_index, has_carry):

@@ -125,17 +125,18 @@ def gradient(
 
     def noise_sum(old, score, new, switch):
         if layout is None:
-            return old @ score + new @ (switch / std**2)
-        return layout.score_dot(old, score) + layout.weighted_sum(switch, new) / std
+            return old @ score + (new / std**2) @ switch
+        return layout.score_sum(old, score, switch, new / std)
 
-    population_size = 2 * store.num_pairs
+    # the mean over particles, taken on the (M,) weights: no pass over D
+    inv_population = 1.0 / (2 * store.num_pairs)
+    d_old, d_new = d_old * inv_population, d_new * inv_population
     if rows is not None:
         _, score, switch = rows
         if per_particle:  # both partners carry their pair's noise: halve
             d_old = 0.5 * jnp.concatenate([d_old, d_old])
             d_new = 0.5 * jnp.concatenate([d_new, d_new])
-        total = noise_sum(d_old, score, d_new, switch)
-        return total / population_size
+        return noise_sum(d_old, score, d_new, switch)
 
     def chunk_sum(pairs, old, new):
         _, score, switch = store.pair_noise(noise, pairs, std, rule)
@@ -154,7 +155,7 @@ def gradient(
 
         zeros = jnp.zeros((store.num_dims,))
         total, _ = jax.lax.scan(body, zeros, (pairs, d_old, d_new))
-    return total / population_size
+    return total
 
 
 @dataclass(frozen=True)
