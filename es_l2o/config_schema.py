@@ -41,7 +41,9 @@ def _adam(learning_rate: Any) -> Any:
 class SystemConfig:
     """The unrolled system: `LOptTraining(population, lopt, **system)`."""
 
-    horizon: Any = 50  # an int, or [low, high] drawn log-uniform per episode
+    horizon: Any = 50  # an int, or [low, high] drawn per episode as horizon_draw says
+    # "episodes": log-uniform per episode; "steps": log-uniform per inner step
+    horizon_draw: str = "episodes"
     stagger: bool = False
     # the loss a non-finite step scores; the estimators read it from here too
     nonfinite_penalty: float = 1000.0

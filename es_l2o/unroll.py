@@ -40,6 +40,8 @@ META_LOSS_SPLITS = ("train", "validation")
 
 #: how `LOptTraining` staggers particles' first episodes (`stagger=True` is "offset")
 STAGGER_MODES = ("none", "offset", "advance")
+#: how `LOptTraining` draws horizons in `(low, high)`: log-uniform per episode or step
+HORIZON_DRAWS = ("episodes", "steps")
 
 
 class StepOutput(NamedTuple):
@@ -164,8 +166,16 @@ class LOptTraining(UnrolledSystem):
     Args:
         family: where tasks come from; every episode samples a new configuration.
         lopt: the learned optimizer whose `theta` is meta-trained.
-        horizon: episode length: an int, or `(low, high)` for a log-uniform draw per
-            episode (low == high allowed).
+        horizon: episode length: an int, or `(low, high)` for a draw per episode
+            (low == high allowed).
+        horizon_draw: how `(low, high)` is drawn (`HORIZON_DRAWS`):
+            - "episodes": log-uniform per episode. A truncated estimator spends a
+              step's share of the meta-gradient on every inner step, so long
+              episodes get most of it: the steps' horizons are uniform in [low, high].
+            - "steps": density proportional to 1 / horizon**2, so that the inner
+              steps' horizons are log-uniform: every octave of horizons gets the
+              same share of the meta-gradient (with [50, 2000], half the episodes
+              are under 100 steps and a fifth of the steps are in them).
         stagger: how particles' first episodes are staggered, so that episodes end
             at different times:
             - False / "none": every particle starts at step 0.
@@ -207,6 +217,7 @@ class LOptTraining(UnrolledSystem):
         horizon: int | Sequence[int] = 100,
         *,
         stagger: bool | str = False,
+        horizon_draw: str = "episodes",
         nonfinite_penalty: float = 1e3,
         divergence_factor: float | None = None,
     ):
@@ -227,7 +238,12 @@ class LOptTraining(UnrolledSystem):
             )
         self.family = family
         self.lopt = lopt
+        if horizon_draw not in HORIZON_DRAWS:
+            raise ValueError(
+                f"horizon_draw must be one of {HORIZON_DRAWS}, got {horizon_draw!r}"
+            )
         self.horizon_range = (int(low), int(high))
+        self.horizon_draw = horizon_draw
         self.stagger_mode = _stagger_mode(stagger)
         self.stagger = self.stagger_mode != "none"
         self.nonfinite_penalty = float(nonfinite_penalty)
@@ -243,12 +259,16 @@ class LOptTraining(UnrolledSystem):
         return self.horizon_range[1]
 
     def sample_horizon(self, key: jax.Array) -> jax.Array:
-        """An episode length: log-uniform over the integers in [low, high]."""
+        """An episode length in [low, high], drawn as `horizon_draw` says."""
         low, high = self.horizon_range
         if low == high:
             return jnp.asarray(low, jnp.int32)
-        u = jax.random.uniform(key, (), minval=math.log(low), maxval=math.log(high + 1))
-        return jnp.clip(jnp.floor(jnp.exp(u)), low, high).astype(jnp.int32)
+        u = jax.random.uniform(key)
+        if self.horizon_draw == "episodes":
+            draw = jnp.exp(math.log(low) + u * math.log((high + 1) / low))
+        else:  # inverse CDF of 1 / h**2 on [low, high + 1)
+            draw = 1.0 / (1.0 / low - u * (1.0 / low - 1.0 / (high + 1)))
+        return jnp.clip(jnp.floor(draw), low, high).astype(jnp.int32)
 
     def new_episode(self, key: jax.Array, theta: Theta) -> LOptTrainingState:
         """A fresh episode: new task, initial parameters, optimizer state, horizon."""

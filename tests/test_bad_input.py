@@ -60,6 +60,10 @@ TINY = [
         (["es.std=abc"], "converted to Float (key es.std)"),
         (["lopt=mlpp"], "Available options in 'lopt': deep_momentum, hierarchical"),
         (["system.horizn=3"], "Key 'horizn' not in 'SystemConfig'"),
+        (
+            ["system.horizon_draw=octaves"],
+            "horizon_draw must be one of ('episodes', 'steps'), got 'octaves'",
+        ),
         (["es=pes", "es.particle_chunk=2"], "not in 'TruncatedESConfig'"),
         (["--cfg", "jobx"], "invalid choice: 'jobx'"),
     ],

@@ -175,3 +175,20 @@ def test_train_validates_when_due_and_returns_the_best_theta(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
     saved = checkpoint.checkpoints(tmp_path / "checkpoints")
     assert [checkpoint.iteration_of(p) for p in saved] == [2, 4, 5]
+
+
+@pytest.mark.parametrize("draw", ["episodes", "steps"])
+def test_horizon_draw_spreads_episodes_or_steps_evenly_over_octaves(draw):
+    system = LOptTraining(
+        ToyQuadraticFamily(dim=2),
+        MLPLOpt(hidden_sizes=(4,)),
+        (50, 1599),
+        horizon_draw=draw,
+    )
+    keys = jax.random.split(jax.random.key(0), 40_000)
+    horizons = np.asarray(jax.vmap(system.sample_horizon)(keys))
+    assert horizons.min() >= 50 and horizons.max() <= 1599
+    octave = np.floor(np.log2(horizons / 50)).astype(int)  # 0..4
+    weight = np.ones_like(horizons) if draw == "episodes" else horizons
+    share = np.bincount(octave, weights=weight, minlength=5) / weight.sum()
+    np.testing.assert_allclose(share, 0.2, atol=0.02)
