@@ -54,8 +54,9 @@ class Weighting:
     def accumulate(
         self, score: jax.Array, fresh: jax.Array, draw: jax.Array
     ) -> jax.Array:
-        """A pair's score (M, D) after the fresh scores `fresh` of `draw` pairs."""
-        return jnp.where(draw[:, None], score + fresh, score)
+        """Pairs' scores (M, ...) after the fresh scores `fresh` of `draw` pairs."""
+        draw = draw.reshape(draw.shape + (1,) * (score.ndim - 1))
+        return jnp.where(draw, score + fresh, score)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
