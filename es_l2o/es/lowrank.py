@@ -43,6 +43,7 @@ from jax.sharding import Mesh
 from es_l2o import sharding
 from es_l2o.es.keyed import KeyedOpenES
 from es_l2o.es.noise import Rows
+from es_l2o.es.weighting import per_row
 from es_l2o.lowrank import LowRankPerturbed
 
 
@@ -124,11 +125,6 @@ def _rows_sum(weights: jax.Array, rows: jax.Array) -> jax.Array:
     if rows.shape[0] > _ELEMENTWISE_ROWS:
         return jnp.tensordot(weights, rows, axes=1)
     return sum(weights[i] * rows[i] for i in range(rows.shape[0]))
-
-
-def _rows_where(rows: jax.Array, flags: jax.Array) -> jax.Array:
-    """(N,) flags broadcast against (N, ...) rows."""
-    return flags.reshape(flags.shape + (1,) * (rows.ndim - 1))
 
 
 class LowRankLayout:
@@ -371,7 +367,7 @@ class LowRankStoredNoise:
             self.layout.leaf_perturbations(fresh, inv_std),
             strict=True,
         ):
-            score = jnp.where(_rows_where(score, noise.restarted), old, score)
+            score = jnp.where(per_row(noise.restarted, score), old, score)
             scores.append(rule.accumulate(score, new, draw))
         return LowRankNoiseState(
             pert=jnp.where(draw[:, None], fresh, noise.pert),

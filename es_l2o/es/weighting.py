@@ -32,6 +32,16 @@ import jax
 import jax.numpy as jnp
 
 
+def per_row(flags: jax.Array, rows: jax.Array) -> jax.Array:
+    """(N,) flags shaped to broadcast against (N, ...) rows, one flag per row.
+
+    Example:
+        >>> per_row(jnp.ones(3, bool), jnp.zeros((3, 4, 5))).shape
+        (3, 1, 1)
+    """
+    return flags.reshape(flags.shape + (1,) * (rows.ndim - 1))
+
+
 class Weighting:
     """A rule for which perturbations weight each loss (see the module docstring).
 
@@ -55,8 +65,7 @@ class Weighting:
         self, score: jax.Array, fresh: jax.Array, draw: jax.Array
     ) -> jax.Array:
         """Pairs' scores (M, ...) after the fresh scores `fresh` of `draw` pairs."""
-        draw = draw.reshape(draw.shape + (1,) * (score.ndim - 1))
-        return jnp.where(draw, score + fresh, score)
+        return jnp.where(per_row(draw, score), score + fresh, score)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
