@@ -104,6 +104,28 @@ def test_step_floor_sizes_only_the_zero_initialised_tensors_steps():
     assert ratio("w") == pytest.approx(1.0, rel=1e-5)  # its RMS is above both floors
 
 
+def test_floor_params_raises_the_floor_of_small_models_only():
+    """The zero bias's step grows by sqrt(floor_params / N) in the 69-parameter
+    model (capped), not at all where N >= floor_params; the weights, whose RMS is
+    above every floor, keep their step."""
+    theta = HierarchicalLOpt(**SMALL).init(jax.random.key(0))
+    lopt = lambda **kw: HierarchicalLOpt(**SMALL, step_scale="initial", **kw)
+    plain = _first_step(lopt(step_floor=0.01), theta)
+    ratio = lambda step, k: float(jnp.linalg.norm(step[k]) / jnp.linalg.norm(plain[k]))
+    for floor_params, cap, expected in (
+        (276, 1.0, 2.0),
+        (6900, 0.05, 5.0),
+        (69, 1.0, 1.0),
+    ):
+        step = _first_step(
+            lopt(step_floor=0.01, floor_params=floor_params, floor_cap=cap), theta
+        )
+        assert ratio(step, "b") == pytest.approx(expected, rel=1e-3), floor_params
+        assert ratio(step, "w") == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="floor_params must be a positive integer"):
+        HierarchicalLOpt(**SMALL, floor_params=0)
+
+
 def test_weight_decay_pulls_each_tensor_towards_zero_as_adamw():
     theta = HierarchicalLOpt(**SMALL).init(jax.random.key(0))
     plain = _first_step(HierarchicalLOpt(**SMALL, step_mult=0.1), theta)
